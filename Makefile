@@ -1,0 +1,52 @@
+# vsmmu — two commands for a user: `make run` and `make test`.
+# Everything else (venv, QEMU, guest image) is set up on demand, idempotently,
+# inside this checkout: .venv/ and .cache/ (both git-ignored).
+
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+CACHE    := .cache
+STAMP    := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup venv qemu guest run test test-fast bench lint clean doctor
+
+setup: venv qemu guest
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "==> creating Python venv in $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --disable-pip-version-check -q --upgrade pip >/dev/null
+	@echo "==> installing vsmmu and its dependencies into $(VENV)"
+	@$(PY) -m pip install --disable-pip-version-check --progress-bar on -e '.[dev]'
+	@touch $(STAMP)
+
+qemu: venv
+	@$(PY) -m qmp_harness.provision --cache $(CACHE)
+
+guest: venv
+	@$(PY) -m guest_images --cache $(CACHE)
+
+run: setup
+	@$(PY) -m vsmmu.cli demo --cache $(CACHE)
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	@$(PY) -m pytest -m "not e2e and not integration" $(PYTEST_ARGS)
+
+bench: setup
+	@$(PY) -m benchmarks --cache $(CACHE)
+
+lint: venv
+	@$(PY) -m ruff check vsmmu qmp_harness guest_images tests benchmarks
+	@$(PY) -m mypy
+
+doctor: setup
+	@$(VENV)/bin/vsmmu doctor --cache $(CACHE)
+
+clean:
+	rm -rf $(VENV) $(CACHE) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""QEMU launch, guest device tree, QMP, console and pytest fixtures."""

@@ -1,0 +1,1 @@
+"""vsmmu: a virtual ARM SMMUv3 served over vfio-user, nested through iommufd."""

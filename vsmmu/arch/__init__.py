@@ -1,0 +1,1 @@
+"""SMMUv3 architecture as data: registers, STE/CD, commands, events, page tables."""

@@ -1,0 +1,1 @@
+"""Emulated PCI endpoints whose DMA goes through the iommufd backend."""

@@ -1,0 +1,1 @@
+"""iommufd: uAPI, backend interface, simulated and kernel backends."""

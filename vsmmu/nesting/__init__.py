@@ -1,0 +1,1 @@
+"""The nesting translator: vSMMU configuration in, iommufd requests out."""

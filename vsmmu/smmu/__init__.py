@@ -1,0 +1,1 @@
+"""The vSMMUv3 device model: registers, queues, stream table, GERROR, IRQ."""

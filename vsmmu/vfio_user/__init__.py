@@ -1,0 +1,1 @@
+"""vfio-user server: transport, protocol and the device-facing API."""
