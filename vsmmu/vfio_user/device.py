@@ -1,0 +1,200 @@
+"""The device-facing API: what a device model registers, and what it may call.
+
+A device describes itself with a :class:`PciDevice`: identity, BARs with
+synchronous read/write handlers, interrupt vectors, reset and disconnect
+callbacks.  It raises interrupts through :class:`IrqVector` and reaches guest
+memory through :attr:`PciDevice.dma`.  It never sees a vfio-user message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+from vsmmu.vfio_user import uapi
+from vsmmu.vfio_user.dma import DmaMapTable
+from vsmmu.vfio_user.pci import BarLayout, MsixLayout, PciConfigSpace, PciIdentity
+
+logger = logging.getLogger(__name__)
+
+#: ``read(offset, size)`` returns an int (little-endian, ``size`` bytes) or bytes.
+ReadHandler = Callable[[int, int], "int | bytes"]
+#: ``write(offset, data)``.
+WriteHandler = Callable[[int, bytes], None]
+
+_EVENTFD_INCREMENT = (1).to_bytes(8, "little")
+
+
+@dataclasses.dataclass
+class BarRegion:
+    """A memory BAR served by synchronous handlers (offsets relative to the BAR)."""
+
+    size: int
+    read: ReadHandler
+    write: WriteHandler
+    is_64bit: bool = False
+    prefetchable: bool = False
+
+    def layout(self) -> BarLayout:
+        """How the BAR shows in config space."""
+        return BarLayout(self.size, self.is_64bit, self.prefetchable)
+
+
+class IrqVector:
+    """One interrupt vector (the INTx line, or one MSI/MSI-X vector).
+
+    The client assigns an eventfd; :meth:`trigger` signals it.  A masked
+    vector remembers a trigger as pending and delivers it on unmask.  INTx is
+    automasked, as in VFIO: each delivery masks it until the client unmasks
+    (QEMU does so when the guest next touches the device), and a level that
+    is still asserted at unmask is delivered again.
+    """
+
+    def __init__(self, name: str, automasked: bool) -> None:
+        self.name = name
+        self.automasked = automasked
+        self.eventfd: int | None = None
+        self.masked = False
+        self.pending = False
+        self.asserted = False
+        self.delivered = 0
+
+    def trigger(self) -> bool:
+        """Raise the interrupt once; False when it was held back (masked, no eventfd)."""
+        if self.eventfd is None or self.masked:
+            self.pending = True
+            return False
+        try:
+            os.write(self.eventfd, _EVENTFD_INCREMENT)
+        except OSError as exc:
+            logger.warning("irq %s: eventfd %d write failed: %s", self.name, self.eventfd, exc)
+            self.pending = True
+            return False
+        self.pending = False
+        self.delivered += 1
+        if self.automasked:
+            self.masked = True
+        return True
+
+    def assert_level(self) -> None:
+        """Level-triggered: assert, delivering now or at the next unmask."""
+        self.asserted = True
+        self.trigger()
+
+    def deassert_level(self) -> None:
+        """Level-triggered: de-assert; nothing pending stays."""
+        self.asserted = False
+        self.pending = False
+
+    def mask(self) -> None:
+        """Hold back deliveries."""
+        self.masked = True
+
+    def unmask(self) -> None:
+        """Allow deliveries; re-deliver a pending trigger or a still-asserted level."""
+        self.masked = False
+        if self.pending or self.asserted:
+            self.trigger()
+
+    def assign(self, eventfd: int | None) -> None:
+        """Take ownership of ``eventfd`` (None de-assigns); the previous one is closed."""
+        if self.eventfd is not None:
+            os.close(self.eventfd)
+        self.eventfd = eventfd
+        if eventfd is not None and (self.pending or self.asserted) and not self.masked:
+            self.trigger()
+
+    def release(self) -> None:
+        """Forget the client's state: close the eventfd, unmask, clear pending."""
+        self.assign(None)
+        self.masked = False
+        self.pending = False
+
+
+class PciDevice:
+    """A PCI function as a device model sees it.
+
+    ``bars`` maps BAR index to region; ``intx`` gives the function an INTA
+    pin; ``msi_vectors``/``msix_vectors`` size those IRQ indices (``msix``
+    also emits an MSI-X capability pointing into one of the BARs, whose
+    handlers must then serve the PBA).  ``on_reset`` runs on DEVICE_RESET
+    and on disconnect; ``on_disconnect`` runs when the client goes away.
+    """
+
+    def __init__(
+        self,
+        identity: PciIdentity,
+        bars: dict[int, BarRegion],
+        *,
+        intx: bool = True,
+        msi_vectors: int = 0,
+        msix: MsixLayout | None = None,
+        pcie_type: int = uapi.PCI_EXP_TYPE_ENDPOINT,
+        on_reset: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+        dma: DmaMapTable | None = None,
+    ) -> None:
+        self.identity = identity
+        self.bars = dict(bars)
+        self.config = PciConfigSpace(
+            identity,
+            {index: bar.layout() for index, bar in self.bars.items()},
+            intx=intx,
+            msix=msix,
+            pcie_type=pcie_type,
+        )
+        self.irqs: dict[int, list[IrqVector]] = {
+            uapi.PciIrq.INTX: [IrqVector("intx", automasked=True)] if intx else [],
+            uapi.PciIrq.MSI: [IrqVector(f"msi{n}", False) for n in range(msi_vectors)],
+            uapi.PciIrq.MSIX: [
+                IrqVector(f"msix{n}", False) for n in range(msix.vectors if msix else 0)
+            ],
+            uapi.PciIrq.ERR: [],
+            uapi.PciIrq.REQ: [],
+        }
+        self.on_reset = on_reset
+        self.on_disconnect = on_disconnect
+        self.dma = dma if dma is not None else DmaMapTable()
+
+    @property
+    def intx(self) -> IrqVector:
+        """The INTx line.
+
+        :raises LookupError: the device was declared without INTx.
+        """
+        vectors = self.irqs[uapi.PciIrq.INTX]
+        if not vectors:
+            raise LookupError("PCI device has no INTx line")
+        return vectors[0]
+
+    def msix_vector(self, index: int) -> IrqVector:
+        """MSI-X vector ``index``."""
+        return self.irqs[uapi.PciIrq.MSIX][index]
+
+    def region_size(self, index: int) -> int:
+        """Size of VFIO region ``index`` (0 when absent)."""
+        if index == uapi.PciRegion.CONFIG:
+            return self.config.size
+        bar = self.bars.get(index)
+        return bar.size if bar is not None else 0
+
+    def reset(self) -> None:
+        """Function reset: config space to power-on values, then the device's callback."""
+        self.config.reset()
+        for vectors in self.irqs.values():
+            for vector in vectors:
+                vector.deassert_level()
+        if self.on_reset is not None:
+            self.on_reset()
+
+    def detach_client(self) -> None:
+        """Tear down everything the client set up (eventfds, DMA maps), then notify."""
+        for vectors in self.irqs.values():
+            for vector in vectors:
+                vector.release()
+        self.dma.unmap_all()
+        self.config.reset()
+        if self.on_disconnect is not None:
+            self.on_disconnect()

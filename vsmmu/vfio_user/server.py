@@ -1,0 +1,241 @@
+"""The vfio-user server: one listening unix socket per PCI function.
+
+:class:`VfioUserServer` accepts one client at a time on its socket path and
+runs a connection: a single reader task receives messages in order, hands
+each request to the :class:`~vsmmu.vfio_user.session.Session` and sends the
+reply before reading the next (so posted writes are processed in order), and
+routes replies to the server's own DMA_READ/DMA_WRITE requests.  When the
+client goes away (or breaks the framing) the device is detached — eventfds
+closed, DMA maps unmapped, config space reset — and the next client may
+connect.  Several servers share one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from vsmmu.vfio_user import uapi
+from vsmmu.vfio_user.device import PciDevice
+from vsmmu.vfio_user.dma import DmaError
+from vsmmu.vfio_user.messages import Message, ProtocolError, VfioUserError
+from vsmmu.vfio_user.session import Session
+from vsmmu.vfio_user.transport import ConnectionClosed, MessageChannel
+
+logger = logging.getLogger(__name__)
+
+_MSG_ID_MODULO = 1 << 16
+
+
+class ServerError(VfioUserError):
+    """The server cannot do what was asked (not started, not connected, ...)."""
+
+
+class Connection:
+    """One connected client: reader task, request dispatch, server-initiated DMA."""
+
+    def __init__(self, device: PciDevice, sock: socket.socket) -> None:
+        self.device = device
+        self.session = Session(device)
+        self.channel = MessageChannel(sock, self.session.max_message_size)
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._next_id = 0
+
+    async def run(self) -> None:
+        """Serve until the client disconnects or breaks the protocol; never raises."""
+        try:
+            while True:
+                message = await self.channel.receive()
+                if message.is_reply:
+                    self._complete(message)
+                    continue
+                reply = self.session.handle(message)
+                if reply is not None:
+                    await self.channel.send(reply)
+        except ConnectionClosed as exc:
+            logger.info("vfio-user client gone: %s", exc)
+        except ProtocolError as exc:
+            logger.warning("vfio-user protocol error, dropping the client: %s", exc)
+        except Exception:
+            logger.exception("vfio-user connection failed, dropping the client")
+        finally:
+            self.channel.close()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionClosed("vfio-user client disconnected"))
+            self._pending.clear()
+
+    def _complete(self, reply: Message) -> None:
+        future = self._pending.pop(reply.msg_id, None)
+        if future is None or future.done():
+            logger.warning(
+                "vfio-user: unexpected reply id=%d (%s)", reply.msg_id, reply.command_name
+            )
+            reply.close()
+            return
+        future.set_result(reply)
+
+    async def _request(self, command: uapi.Command, payload: bytes) -> Message:
+        msg_id = self._next_id
+        self._next_id = (self._next_id + 1) % _MSG_ID_MODULO
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = future
+        try:
+            await self.channel.send(Message(msg_id, command, uapi.MSG_TYPE_REQUEST, 0, payload))
+            reply = await future
+        finally:
+            self._pending.pop(msg_id, None)
+        reply.close()
+        if reply.flags & uapi.MsgFlag.ERROR:
+            raise DmaError(f"{command.name}: client replied errno {reply.error}")
+        return reply
+
+    async def dma_read(self, gpa: int, size: int) -> bytes:
+        """Read guest memory through DMA_READ messages (for maps without an fd).
+
+        :raises DmaError: the client refused.  :raises ConnectionClosed: it left.
+        """
+        chunks: list[bytes] = []
+        step = self.session.client_max_xfer
+        for offset in range(0, size, step):
+            count = min(step, size - offset)
+            reply = await self._request(
+                uapi.Command.DMA_READ, uapi.DMA_RW.pack(gpa + offset, count)
+            )
+            data = reply.payload[uapi.DMA_RW.size :]
+            if len(data) != count:
+                raise DmaError(f"DMA_READ gpa={gpa + offset:#x}: {len(data)} of {count} bytes")
+            chunks.append(data)
+        return b"".join(chunks)
+
+    async def dma_write(self, gpa: int, data: bytes) -> None:
+        """Write guest memory through DMA_WRITE messages (for maps without an fd).
+
+        :raises DmaError: the client refused.  :raises ConnectionClosed: it left.
+        """
+        step = self.session.client_max_xfer
+        for offset in range(0, len(data), step):
+            chunk = data[offset : offset + step]
+            await self._request(
+                uapi.Command.DMA_WRITE, uapi.DMA_RW.pack(gpa + offset, len(chunk)) + chunk
+            )
+
+
+class VfioUserServer:
+    """Serves one :class:`PciDevice` on a unix socket path, one client at a time."""
+
+    def __init__(self, device: PciDevice, path: str | os.PathLike[str]) -> None:
+        self.device = device
+        self.path = os.fspath(path)
+        self.connection: Connection | None = None
+        self.connections_served = 0
+        self._listener: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind and listen on :attr:`path` (a stale socket file is replaced).
+
+        :raises OSError: the path cannot be bound.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+            listener.listen(1)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._task = asyncio.create_task(self._serve(), name=f"vfio-user {self.path}")
+        logger.info("vfio-user server listening on %s", self.path)
+
+    async def _serve(self) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(self._listener)
+            connection = Connection(self.device, sock)
+            self.connection = connection
+            self._disconnected.clear()
+            self._connected.set()
+            logger.info("vfio-user client connected on %s", self.path)
+            try:
+                await connection.run()
+            finally:
+                self.connection = None
+                self._connected.clear()
+                self._detach()
+                self.connections_served += 1
+                self._disconnected.set()
+
+    def _detach(self) -> None:
+        try:
+            self.device.detach_client()
+        except Exception:
+            logger.exception("vfio-user device teardown failed on %s", self.path)
+
+    async def wait_connected(self) -> Connection:
+        """Wait until a client is connected and return its connection."""
+        while self.connection is None:
+            await self._connected.wait()
+        return self.connection
+
+    async def wait_disconnected(self) -> None:
+        """Wait until the current client (if any) has gone and been torn down."""
+        if self.connection is not None:
+            await self._disconnected.wait()
+
+    async def dma_read(self, gpa: int, size: int) -> bytes:
+        """Guest memory by mmap when the map has an fd, else by DMA_READ messages.
+
+        :raises DmaError: unmapped, or refused by the client.
+        :raises ServerError: no client connected.
+        """
+        mapping = self.device.dma.find(gpa, size)
+        if mapping.memory is not None:
+            return self.device.dma.read(gpa, size)
+        return await self._connection().dma_read(gpa, size)
+
+    async def dma_write(self, gpa: int, data: bytes) -> None:
+        """Like :meth:`dma_read`, for writes."""
+        mapping = self.device.dma.find(gpa, len(data))
+        if mapping.memory is not None:
+            self.device.dma.write(gpa, data)
+            return
+        await self._connection().dma_write(gpa, data)
+
+    def _connection(self) -> Connection:
+        if self.connection is None:
+            raise ServerError(f"vfio-user {self.path}: no client connected")
+        return self.connection
+
+    async def close(self) -> None:
+        """Stop listening, drop the client (tearing the device down), remove the socket."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        logger.info("vfio-user server on %s closed", self.path)
+
+    async def __aenter__(self) -> VfioUserServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+__all__ = ["Connection", "ServerError", "VfioUserServer"]

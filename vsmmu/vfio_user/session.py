@@ -1,0 +1,387 @@
+"""The vfio-user protocol layer: one request in, at most one reply out.
+
+:class:`Session` holds what one connection negotiated and turns each request
+into calls on a :class:`~vsmmu.vfio_user.device.PciDevice`.  It is
+synchronous and knows no sockets, so it is tested (and fuzzed) directly.
+Every refusal is a :class:`CommandError` turned into an error reply with its
+errno and one log line; a request flagged NO_REPLY is never answered, even
+when it fails.  Descriptors are either given to the device/DMA table or closed
+before :meth:`Session.handle` returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import struct
+from collections.abc import Callable
+
+from vsmmu.vfio_user import uapi
+from vsmmu.vfio_user.device import IrqVector, PciDevice
+from vsmmu.vfio_user.messages import CommandError, Message, error_reply_to, reply_to
+
+logger = logging.getLogger(__name__)
+trace = logging.getLogger(__name__ + ".trace")
+
+_Handler = Callable[["Session", Message], bytes]
+
+
+def _unpack(layout: struct.Struct, message: Message) -> tuple[int, ...]:
+    if len(message.payload) < layout.size:
+        raise CommandError(
+            errno.EINVAL,
+            f"{message.command_name}: payload of {len(message.payload)} bytes, "
+            f"expected at least {layout.size}",
+        )
+    return layout.unpack_from(message.payload)
+
+
+def _no_fds(message: Message) -> None:
+    if message.fds:
+        raise CommandError(
+            errno.EINVAL, f"{message.command_name}: {len(message.fds)} fds, expected none"
+        )
+
+
+class Session:
+    """Protocol state of one client connection to one device."""
+
+    def __init__(self, device: PciDevice) -> None:
+        self.device = device
+        self.negotiated = False
+        #: What the client told us in VERSION (its own defaults until then).
+        self.client_max_fds = uapi.DEFAULT_MAX_FDS
+        self.client_max_xfer = uapi.DEFAULT_MAX_XFER
+        self.max_xfer = uapi.DEFAULT_MAX_XFER
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest message this session accepts."""
+        return self.max_xfer + uapi.MAX_FIXED_PART
+
+    def handle(self, message: Message) -> Message | None:
+        """Process one request; return its reply, or None when none is due."""
+        trace.debug(
+            "<- %s id=%d flags=%#x len=%d fds=%d",
+            message.command_name,
+            message.msg_id,
+            message.flags,
+            len(message.payload),
+            len(message.fds),
+        )
+        try:
+            payload = self._dispatch(message)
+        except CommandError as exc:
+            message.close()
+            logger.warning(
+                "vfio-user %s refused (errno %d): %s", message.command_name, exc.errno, exc
+            )
+            return None if message.no_reply else error_reply_to(message, exc.errno)
+        except Exception as exc:
+            message.close()
+            logger.exception("vfio-user %s failed in the device", message.command_name)
+            del exc
+            return None if message.no_reply else error_reply_to(message, errno.EIO)
+        message.close()
+        return None if message.no_reply else reply_to(message, payload)
+
+    def _dispatch(self, message: Message) -> bytes:
+        if message.flags & ~uapi.MSG_KNOWN_FLAGS or message.flags & uapi.MsgFlag.ERROR:
+            raise CommandError(errno.EINVAL, f"request flags {message.flags:#x}: unknown bits")
+        handler = _HANDLERS.get(message.command)
+        if handler is None:
+            raise CommandError(errno.ENOSYS, f"{message.command_name}: not a server command")
+        if not self.negotiated and message.command != uapi.Command.VERSION:
+            raise CommandError(errno.EINVAL, f"{message.command_name} before VERSION")
+        return handler(self, message)
+
+    # -- VERSION -----------------------------------------------------------
+
+    def _version(self, message: Message) -> bytes:
+        _no_fds(message)
+        if self.negotiated:
+            raise CommandError(errno.EINVAL, "VERSION: already negotiated")
+        major, minor = _unpack(uapi.VERSION_BODY, message)
+        if major != uapi.VERSION_MAJOR:
+            raise CommandError(errno.ENOTSUP, f"VERSION {major}.{minor}: expected major 0")
+        self._parse_capabilities(message.payload[uapi.VERSION_BODY.size :])
+        caps: dict[str, object] = {
+            uapi.CAP_MAX_FDS: uapi.SERVER_MAX_FDS,
+            uapi.CAP_MAX_XFER: self.max_xfer,
+            uapi.CAP_PGSIZES: uapi.DEFAULT_PGSIZE,
+            uapi.CAP_MAX_DMA_MAPS: self.device.dma.max_mappings,
+            uapi.CAP_WRITE_MULTIPLE: True,
+        }
+        body = self._version_body(caps)
+        # QEMU receives the reply into its request's buffer: never send more.
+        if uapi.HEADER_SIZE + len(body) > uapi.HEADER_SIZE + len(message.payload):
+            body = self._version_body({})
+        self.negotiated = True
+        logger.info(
+            "vfio-user VERSION negotiated: client max_xfer=%d max_fds=%d",
+            self.client_max_xfer,
+            self.client_max_fds,
+        )
+        return body
+
+    @staticmethod
+    def _version_body(caps: dict[str, object]) -> bytes:
+        text = json.dumps({uapi.CAP_ROOT: caps}, separators=(",", ":")).encode() + b"\0"
+        return uapi.VERSION_BODY.pack(uapi.VERSION_MAJOR, uapi.VERSION_MINOR) + text
+
+    def _parse_capabilities(self, raw: bytes) -> None:
+        text = raw.rstrip(b"\0")
+        if not text:
+            return
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise CommandError(errno.EINVAL, f"VERSION capabilities: not JSON ({exc})") from exc
+        caps = document.get(uapi.CAP_ROOT, {}) if isinstance(document, dict) else None
+        if not isinstance(caps, dict):
+            raise CommandError(errno.EINVAL, "VERSION capabilities: expected a JSON object")
+        max_fds = caps.get(uapi.CAP_MAX_FDS, uapi.DEFAULT_MAX_FDS)
+        max_xfer = caps.get(uapi.CAP_MAX_XFER, uapi.DEFAULT_MAX_XFER)
+        for name, value in ((uapi.CAP_MAX_FDS, max_fds), (uapi.CAP_MAX_XFER, max_xfer)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CommandError(errno.EINVAL, f"VERSION {name}={value!r}: expected an int >= 0")
+        self.client_max_fds = max_fds
+        self.client_max_xfer = max_xfer
+
+    # -- DMA ---------------------------------------------------------------
+
+    def _dma_map(self, message: Message) -> bytes:
+        argsz, flags, fd_offset, gpa, size = _unpack(uapi.DMA_MAP, message)
+        if argsz < uapi.DMA_MAP.size:
+            raise CommandError(errno.EINVAL, f"DMA_MAP argsz {argsz}: expected >= 32")
+        if len(message.fds) > 1:
+            raise CommandError(errno.EINVAL, f"DMA_MAP: {len(message.fds)} fds, expected 0 or 1")
+        fds = message.take_fds()
+        self.device.dma.map(gpa, size, flags, fds[0] if fds else None, fd_offset)
+        return b""
+
+    def _dma_unmap(self, message: Message) -> bytes:
+        _no_fds(message)
+        argsz, flags, gpa, size = _unpack(uapi.DMA_UNMAP, message)
+        if argsz < uapi.DMA_UNMAP.size:
+            raise CommandError(errno.EINVAL, f"DMA_UNMAP argsz {argsz}: expected >= 24")
+        if flags & ~uapi.DMA_UNMAP_KNOWN_FLAGS or flags & uapi.DMA_UNMAP_GET_DIRTY_BITMAP:
+            raise CommandError(errno.EINVAL, f"DMA_UNMAP flags {flags:#x}: unsupported")
+        if flags & uapi.DMA_UNMAP_ALL:
+            if gpa or size:
+                raise CommandError(errno.EINVAL, "DMA_UNMAP ALL: address and size must be 0")
+            self.device.dma.unmap_all()
+        else:
+            self.device.dma.unmap(gpa, size)
+        return uapi.DMA_UNMAP.pack(uapi.DMA_UNMAP.size, flags, gpa, size)
+
+    # -- device information ------------------------------------------------
+
+    def _get_info(self, message: Message) -> bytes:
+        _no_fds(message)
+        argsz, _, _, _ = _unpack(uapi.DEVICE_INFO, message)
+        if argsz < uapi.DEVICE_INFO.size:
+            raise CommandError(errno.EINVAL, f"DEVICE_GET_INFO argsz {argsz}: expected >= 16")
+        flags = uapi.DEVICE_FLAGS_PCI | uapi.DEVICE_FLAGS_RESET
+        return uapi.DEVICE_INFO.pack(
+            uapi.DEVICE_INFO.size, flags, uapi.PCI_NUM_REGIONS, uapi.PCI_NUM_IRQS
+        )
+
+    def _get_region_info(self, message: Message) -> bytes:
+        _no_fds(message)
+        argsz, _, index, _, _, _ = _unpack(uapi.REGION_INFO, message)
+        if argsz < uapi.REGION_INFO.size:
+            raise CommandError(errno.EINVAL, f"GET_REGION_INFO argsz {argsz}: expected >= 32")
+        if index >= uapi.PCI_NUM_REGIONS:
+            raise CommandError(errno.EINVAL, f"GET_REGION_INFO index {index}: expected < 9")
+        size = self.device.region_size(index)
+        flags = uapi.REGION_INFO_FLAG_READ | uapi.REGION_INFO_FLAG_WRITE if size else 0
+        return uapi.REGION_INFO.pack(uapi.REGION_INFO.size, flags, index, 0, size, 0)
+
+    def _get_irq_info(self, message: Message) -> bytes:
+        _no_fds(message)
+        argsz, _, index, _ = _unpack(uapi.IRQ_INFO, message)
+        if argsz < uapi.IRQ_INFO.size:
+            raise CommandError(errno.EINVAL, f"GET_IRQ_INFO argsz {argsz}: expected >= 16")
+        if index >= uapi.PCI_NUM_IRQS:
+            raise CommandError(errno.EINVAL, f"GET_IRQ_INFO index {index}: expected < 5")
+        flags = uapi.IRQ_INFO_EVENTFD | uapi.IRQ_INFO_MASKABLE
+        if index == uapi.PciIrq.INTX:
+            flags |= uapi.IRQ_INFO_AUTOMASKED
+        else:
+            flags |= uapi.IRQ_INFO_NORESIZE
+        count = len(self.device.irqs[index])
+        return uapi.IRQ_INFO.pack(uapi.IRQ_INFO.size, flags, index, count)
+
+    # -- interrupts --------------------------------------------------------
+
+    def _set_irqs(self, message: Message) -> bytes:
+        argsz, flags, index, start, count = _unpack(uapi.IRQ_SET, message)
+        data_type = flags & uapi.IRQ_SET_DATA_TYPE_MASK
+        action = flags & uapi.IRQ_SET_ACTION_TYPE_MASK
+        known = uapi.IRQ_SET_DATA_TYPE_MASK | uapi.IRQ_SET_ACTION_TYPE_MASK
+        if argsz < uapi.IRQ_SET.size or flags & ~known:
+            raise CommandError(errno.EINVAL, f"SET_IRQS argsz {argsz} flags {flags:#x}: invalid")
+        if data_type.bit_count() != 1 or action.bit_count() != 1:
+            raise CommandError(
+                errno.EINVAL, f"SET_IRQS flags {flags:#x}: expected one data type and one action"
+            )
+        if index >= uapi.PCI_NUM_IRQS:
+            raise CommandError(errno.EINVAL, f"SET_IRQS index {index}: expected < 5")
+        vectors = self.device.irqs[index]
+        if start + count > len(vectors):
+            raise CommandError(
+                errno.EINVAL,
+                f"SET_IRQS index {index} start {start} count {count}: only {len(vectors)} vectors",
+            )
+        if data_type != uapi.IRQ_SET_DATA_EVENTFD:
+            _no_fds(message)
+        chosen = vectors[start : start + count]
+        if data_type == uapi.IRQ_SET_DATA_EVENTFD:
+            self._assign_eventfds(message, action, chosen)
+        elif data_type == uapi.IRQ_SET_DATA_BOOL:
+            values = message.payload[uapi.IRQ_SET.size : uapi.IRQ_SET.size + count]
+            if len(values) != count:
+                raise CommandError(errno.EINVAL, f"SET_IRQS DATA_BOOL: {count} bytes expected")
+            self._apply(action, [v for v, on in zip(chosen, values, strict=True) if on])
+        elif action == uapi.IRQ_SET_ACTION_TRIGGER and count == 0:
+            for vector in vectors:
+                vector.release()
+        else:
+            self._apply(action, chosen)
+        return b""
+
+    @staticmethod
+    def _apply(action: int, vectors: list[IrqVector]) -> None:
+        for vector in vectors:
+            if action == uapi.IRQ_SET_ACTION_MASK:
+                vector.mask()
+            elif action == uapi.IRQ_SET_ACTION_UNMASK:
+                vector.unmask()
+            else:
+                vector.trigger()
+
+    @staticmethod
+    def _assign_eventfds(message: Message, action: int, vectors: list[IrqVector]) -> None:
+        if action != uapi.IRQ_SET_ACTION_TRIGGER:
+            raise CommandError(errno.EINVAL, "SET_IRQS DATA_EVENTFD: only with ACTION_TRIGGER")
+        if message.fds and len(message.fds) != len(vectors):
+            raise CommandError(
+                errno.EINVAL,
+                f"SET_IRQS: {len(message.fds)} fds for {len(vectors)} vectors",
+            )
+        fds: list[int | None] = list(message.take_fds()) or [None] * len(vectors)
+        for vector, fd in zip(vectors, fds, strict=True):
+            vector.assign(fd)
+
+    # -- regions -----------------------------------------------------------
+
+    def _region_bounds(self, name: str, region: int, offset: int, count: int) -> int:
+        if region >= uapi.PCI_NUM_REGIONS:
+            raise CommandError(errno.EINVAL, f"{name} region {region}: expected < 9")
+        size = self.device.region_size(region)
+        if size == 0:
+            raise CommandError(errno.EINVAL, f"{name} region {region}: not implemented")
+        if count > self.max_xfer:
+            raise CommandError(errno.E2BIG, f"{name} count {count}: max {self.max_xfer}")
+        if offset + count > size:
+            raise CommandError(
+                errno.EINVAL,
+                f"{name} region {region} offset {offset:#x} count {count}: size is {size:#x}",
+            )
+        return size
+
+    def _region_read(self, message: Message) -> bytes:
+        _no_fds(message)
+        offset, region, count = _unpack(uapi.REGION_RW, message)
+        self._region_bounds("REGION_READ", region, offset, count)
+        data = self._read(region, offset, count)
+        return uapi.REGION_RW.pack(offset, region, count) + data
+
+    def _read(self, region: int, offset: int, count: int) -> bytes:
+        if region == uapi.PciRegion.CONFIG:
+            data = self.device.config.read(offset, count)
+        else:
+            value = self.device.bars[region].read(offset, count)
+            data = value.to_bytes(count, "little") if isinstance(value, int) else bytes(value)
+            if len(data) != count:
+                raise CommandError(
+                    errno.EIO, f"BAR{region} read handler gave {len(data)} bytes, not {count}"
+                )
+        trace.debug("region %d read %#x/%d -> %s", region, offset, count, data.hex())
+        return data
+
+    def _write(self, region: int, offset: int, data: bytes) -> None:
+        trace.debug("region %d write %#x/%d <- %s", region, offset, len(data), data.hex())
+        if region == uapi.PciRegion.CONFIG:
+            self.device.config.write(offset, data)
+        else:
+            self.device.bars[region].write(offset, data)
+
+    def _region_write(self, message: Message) -> bytes:
+        _no_fds(message)
+        offset, region, count = _unpack(uapi.REGION_RW, message)
+        data = message.payload[uapi.REGION_RW.size :]
+        if len(data) != count:
+            raise CommandError(
+                errno.EINVAL, f"REGION_WRITE count {count}: {len(data)} data bytes follow"
+            )
+        self._region_bounds("REGION_WRITE", region, offset, count)
+        self._write(region, offset, data)
+        return uapi.REGION_RW.pack(offset, region, count)
+
+    def _region_write_multi(self, message: Message) -> bytes:
+        _no_fds(message)
+        (total,) = _unpack(uapi.WRITE_MULTI_COUNT, message)
+        expected = uapi.WRITE_MULTI_COUNT.size + total * uapi.WRITE_MULTI_ONE.size
+        if total > uapi.WRITE_MULTI_MAX or len(message.payload) != expected:
+            raise CommandError(
+                errno.EINVAL,
+                f"REGION_WRITE_MULTI of {total} writes in {len(message.payload)} bytes",
+            )
+        writes = [
+            uapi.WRITE_MULTI_ONE.unpack_from(
+                message.payload, uapi.WRITE_MULTI_COUNT.size + n * uapi.WRITE_MULTI_ONE.size
+            )
+            for n in range(total)
+        ]
+        for offset, region, count, data in writes:
+            if count > uapi.WRITE_MULTI_DATA:
+                raise CommandError(errno.EINVAL, f"REGION_WRITE_MULTI count {count}: max 8")
+            self._region_bounds("REGION_WRITE_MULTI", region, offset, count)
+            self._write(region, offset, data[:count])
+        return b""
+
+    # -- the rest ----------------------------------------------------------
+
+    def _reset(self, message: Message) -> bytes:
+        _no_fds(message)
+        logger.info("vfio-user DEVICE_RESET")
+        self.device.reset()
+        return b""
+
+    def _unsupported(self, message: Message) -> bytes:
+        raise CommandError(errno.ENOTSUP, f"{message.command_name}: not supported")
+
+    def _client_side(self, message: Message) -> bytes:
+        raise CommandError(errno.EINVAL, f"{message.command_name}: a server-to-client request")
+
+
+_HANDLERS: dict[int, _Handler] = {
+    uapi.Command.VERSION: Session._version,
+    uapi.Command.DMA_MAP: Session._dma_map,
+    uapi.Command.DMA_UNMAP: Session._dma_unmap,
+    uapi.Command.DEVICE_GET_INFO: Session._get_info,
+    uapi.Command.DEVICE_GET_REGION_INFO: Session._get_region_info,
+    uapi.Command.DEVICE_GET_REGION_IO_FDS: Session._unsupported,
+    uapi.Command.DEVICE_GET_IRQ_INFO: Session._get_irq_info,
+    uapi.Command.DEVICE_SET_IRQS: Session._set_irqs,
+    uapi.Command.REGION_READ: Session._region_read,
+    uapi.Command.REGION_WRITE: Session._region_write,
+    uapi.Command.DMA_READ: Session._client_side,
+    uapi.Command.DMA_WRITE: Session._client_side,
+    uapi.Command.DEVICE_RESET: Session._reset,
+    uapi.Command.DIRTY_PAGES: Session._unsupported,
+    uapi.Command.REGION_WRITE_MULTI: Session._region_write_multi,
+}
