@@ -89,6 +89,8 @@ class Session:
     def _dispatch(self, message: Message) -> bytes:
         if message.flags & ~uapi.MSG_KNOWN_FLAGS or message.flags & uapi.MsgFlag.ERROR:
             raise CommandError(errno.EINVAL, f"request flags {message.flags:#x}: unknown bits")
+        if message.flags & uapi.MSG_TYPE_MASK != uapi.MSG_TYPE_REQUEST:
+            raise CommandError(errno.EINVAL, f"message type {message.flags:#x}: not a request")
         handler = _HANDLERS.get(message.command)
         if handler is None:
             raise CommandError(errno.ENOSYS, f"{message.command_name}: not a server command")

@@ -54,7 +54,7 @@ class MsgFlag(enum.IntFlag):
 MSG_TYPE_MASK: Final = 0xF
 MSG_TYPE_REQUEST: Final = 0x0
 MSG_TYPE_REPLY: Final = 0x1
-MSG_KNOWN_FLAGS: Final = MSG_TYPE_MASK | MsgFlag.NO_REPLY | MsgFlag.ERROR
+MSG_KNOWN_FLAGS: Final = MSG_TYPE_MASK | int(MsgFlag.NO_REPLY) | int(MsgFlag.ERROR)
 
 VERSION_MAJOR: Final = 0
 VERSION_MINOR: Final = 0
