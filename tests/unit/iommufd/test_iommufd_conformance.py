@@ -1,0 +1,600 @@
+"""Conformance of the iommufd backends with the kernel's errno rules.
+
+Drawn from tools/testing/selftests/iommu/iommufd.c and the kernel sources
+(drivers/iommu/iommufd/*.c, arm-smmu-v3-iommufd.c).  Every case runs on each
+backend; the kernel backend is skipped where /dev/iommu is absent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from vsmmu.arch.commands import CMD, CmdOpcode
+from vsmmu.arch.ste import STE, Eats, SteConfig
+from vsmmu.iommufd import uapi
+from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError, ObjType
+from vsmmu.iommufd.sim import HostPersonality, SimIommufd
+
+PAGE = 4096
+KERNEL_SKIP = "kernel backend needs /dev/iommu and VFIO cdev devices (absent on this machine)"
+
+
+@dataclass
+class Env:
+    """A backend plus a way to create devices on it."""
+
+    be: IommufdBackend
+    new_device: Callable[[int], int]
+
+
+def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
+    if kind == "sim":
+        sim = SimIommufd(personality)
+        return Env(sim, lambda sid: sim.create_mock_device(sid))
+    if not os.path.exists("/dev/iommu") or not os.environ.get("VSMMU_VFIO_CDEVS"):
+        pytest.skip(KERNEL_SKIP)
+    from vsmmu.iommufd.kernel import KernelIommufd
+
+    kern = KernelIommufd()
+    cdevs = iter(os.environ["VSMMU_VFIO_CDEVS"].split(","))
+    return Env(kern, lambda sid: kern.bind_vfio_cdev(next(cdevs)))
+
+
+@pytest.fixture(params=["sim", "kernel"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    e = make_env(request.param)
+    yield e
+    e.be.close()
+
+
+def expect(err: int, fn: Callable[[], object]) -> IommufdError:
+    with pytest.raises(IommufdError) as info:
+        fn()
+    assert info.value.errno == err, str(info.value)
+    return info.value
+
+
+def vste(cfg: int = SteConfig.S1_TRANS, w1: int = 0, ptr: int = 0x4000_0000) -> tuple[int, int]:
+    w0 = STE.V.put(0, 1)
+    w0 = STE.CONFIG.put(w0, cfg)
+    w0 = STE.S1CONTEXTPTR.put(w0, ptr)
+    return w0, w1
+
+
+@dataclass
+class Nest:
+    dev: int
+    ioas: int
+    s2: int
+    viommu: int
+
+
+def nest(e: Env, sid: int = 0x10) -> Nest:
+    dev = e.new_device(sid)
+    ioas = e.be.ioas_alloc()
+    s2 = e.be.hwpt_alloc(dev, ioas, flags=uapi.HwptAllocFlags.NEST_PARENT)
+    viommu = e.be.viommu_alloc(dev, s2)
+    return Nest(dev, ioas, s2, viommu)
+
+
+def cmd(opcode: int, **fields: int) -> tuple[int, int]:
+    w0 = CMD.OPCODE.put(0, opcode)
+    w1 = 0
+    for name, value in fields.items():
+        f = getattr(CMD, name)
+        if f.word == 0:
+            w0 = f.put(w0, value)
+        else:
+            w1 = f.put(w1, value)
+    return w0, w1
+
+
+# --- object ids and destroy ---
+
+
+def test_ids_start_at_one(env: Env) -> None:
+    assert env.be.ioas_alloc() == 1
+
+
+def test_lowest_free_id_is_reused(env: Env) -> None:
+    a, b, c = (env.be.ioas_alloc() for _ in range(3))
+    env.be.destroy(b)
+    assert env.be.ioas_alloc() == b
+    assert (a, c) == (1, 3)
+
+
+def test_destroy_unknown_is_enoent(env: Env) -> None:
+    expect(errno.ENOENT, lambda: env.be.destroy(999))
+
+
+def test_destroy_twice_is_enoent(env: Env) -> None:
+    i = env.be.ioas_alloc()
+    env.be.destroy(i)
+    expect(errno.ENOENT, lambda: env.be.destroy(i))
+
+
+def test_destroy_ioas_under_hwpt_is_ebusy(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EBUSY, lambda: env.be.destroy(n.ioas))
+
+
+def test_destroy_s2_under_viommu_is_ebusy(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EBUSY, lambda: env.be.destroy(n.s2))
+
+
+def test_destroy_viommu_with_vdevice_is_ebusy(env: Env) -> None:
+    n = nest(env)
+    env.be.vdevice_alloc(n.viommu, n.dev, 0x10)
+    expect(errno.EBUSY, lambda: env.be.destroy(n.viommu))
+
+
+def test_destroy_viommu_with_veventq_is_ebusy(env: Env) -> None:
+    n = nest(env)
+    q = env.be.veventq_alloc(n.viommu, 4)
+    os.close(q.fd)
+    expect(errno.EBUSY, lambda: env.be.destroy(n.viommu))
+
+
+def test_destroy_viommu_with_nested_hwpt_is_ebusy(env: Env) -> None:
+    n = nest(env)
+    env.be.hwpt_alloc(n.dev, n.viommu, data=vste(SteConfig.ABORT))
+    expect(errno.EBUSY, lambda: env.be.destroy(n.viommu))
+
+
+def test_destroy_attached_nested_hwpt_is_ebusy(env: Env) -> None:
+    n = nest(env)
+    h = env.be.hwpt_alloc(n.dev, n.viommu, data=vste(SteConfig.BYPASS))
+    env.be.device_attach(n.dev, h)
+    expect(errno.EBUSY, lambda: env.be.destroy(h))
+
+
+def test_teardown_in_reverse_order_empties_the_table(env: Env) -> None:
+    n = nest(env)
+    vdev = env.be.vdevice_alloc(n.viommu, n.dev, 0x10)
+    q = env.be.veventq_alloc(n.viommu, 4)
+    h = env.be.hwpt_alloc(n.dev, n.viommu, data=vste())
+    env.be.device_attach(n.dev, h)
+    env.be.device_detach(n.dev)
+    for obj in (h, q.id, vdev, n.viommu, n.s2, n.ioas):
+        env.be.destroy(obj)
+    os.close(q.fd)
+    assert [o.type for o in env.be.objects()] == [ObjType.DEVICE]
+
+
+# --- IOAS map/unmap ---
+
+
+def test_map_fixed_iova_returns_it(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    assert env.be.ioas_map(ioas, HostMapping(bytearray(2 * PAGE)), iova=0x10000) == 0x10000
+
+
+def test_map_overlap_is_eexist(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    env.be.ioas_map(ioas, HostMapping(bytearray(2 * PAGE)), iova=0x10000)
+    expect(errno.EEXIST, lambda: env.be.ioas_map(ioas, HostMapping(bytearray(PAGE)), iova=0x11000))
+
+
+def test_map_unaligned_iova_is_einval(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    expect(errno.EINVAL, lambda: env.be.ioas_map(ioas, HostMapping(bytearray(PAGE)), iova=0x10001))
+
+
+def test_map_unaligned_length_is_einval(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    expect(errno.EINVAL, lambda: env.be.ioas_map(ioas, HostMapping(bytearray(100)), iova=0x10000))
+
+
+def test_map_bad_ioas_is_enoent(env: Env) -> None:
+    expect(errno.ENOENT, lambda: env.be.ioas_map(77, HostMapping(bytearray(PAGE)), iova=0))
+
+
+def test_map_without_fixed_iova_avoids_existing(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    first = env.be.ioas_map(ioas, HostMapping(bytearray(PAGE)))
+    second = env.be.ioas_map(ioas, HostMapping(bytearray(PAGE)))
+    assert abs(first - second) >= PAGE
+
+
+def test_unmap_nothing_is_enoent(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    expect(errno.ENOENT, lambda: env.be.ioas_unmap(ioas, 0x10000, PAGE))
+
+
+def test_unmap_splitting_a_mapping_is_enoent(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    env.be.ioas_map(ioas, HostMapping(bytearray(4 * PAGE)), iova=0x10000)
+    expect(errno.ENOENT, lambda: env.be.ioas_unmap(ioas, 0x11000, PAGE))
+
+
+def test_unmap_everything_returns_total_length(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    env.be.ioas_map(ioas, HostMapping(bytearray(2 * PAGE)), iova=0x10000)
+    env.be.ioas_map(ioas, HostMapping(bytearray(PAGE)), iova=0x40000)
+    assert env.be.ioas_unmap(ioas, 0, uapi.U64_MAX) == 3 * PAGE
+
+
+def test_unmap_bad_ioas_is_enoent(env: Env) -> None:
+    expect(errno.ENOENT, lambda: env.be.ioas_unmap(55, 0, PAGE))
+
+
+def test_iova_ranges_bad_ioas_is_enoent(env: Env) -> None:
+    expect(errno.ENOENT, lambda: env.be.ioas_iova_ranges(55))
+
+
+def test_iova_ranges_of_fresh_ioas_is_nonempty(env: Env) -> None:
+    ranges, align = env.be.ioas_iova_ranges(env.be.ioas_alloc())
+    assert ranges and align >= 1
+
+
+# --- HWPT_ALLOC ---
+
+
+def test_hwpt_bad_dev_is_enoent(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    expect(errno.ENOENT, lambda: env.be.hwpt_alloc(999, ioas))
+
+
+def test_hwpt_bad_pt_id_is_einval(env: Env) -> None:
+    dev = env.new_device(1)
+    expect(errno.EINVAL, lambda: env.be.hwpt_alloc(dev, 999))
+
+
+def test_hwpt_unknown_flag_is_eopnotsupp(env: Env) -> None:
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    expect(errno.EOPNOTSUPP, lambda: env.be.hwpt_alloc(dev, ioas, flags=1 << 30))
+
+
+def test_hwpt_paging_with_data_type_is_eopnotsupp(env: Env) -> None:
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    expect(errno.EOPNOTSUPP, lambda: env.be.hwpt_alloc(dev, ioas, data=vste()))
+
+
+def test_hwpt_data_type_none_with_length_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.hwpt_alloc(n.dev, n.viommu, data=vste(), data_type=0))
+
+
+def test_hwpt_data_type_without_length_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(
+        errno.EINVAL,
+        lambda: env.be.hwpt_alloc(n.dev, n.viommu, data_type=uapi.HwptDataType.ARM_SMMUV3),
+    )
+
+
+def test_nested_on_hwpt_paging_is_eopnotsupp(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EOPNOTSUPP, lambda: env.be.hwpt_alloc(n.dev, n.s2, data=vste()))
+
+
+def test_nested_wrong_data_type_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(
+        errno.EINVAL,
+        lambda: env.be.hwpt_alloc(n.dev, n.viommu, data=vste(), data_type=uapi.HwptDataType.VTD_S1),
+    )
+
+
+def test_nested_short_data_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.hwpt_alloc(n.dev, n.viommu, data=vste(), data_len=8))
+
+
+def test_nested_long_data_with_nonzero_tail_is_e2big(env: Env) -> None:
+    n = nest(env)
+    data = [*vste(), 1]
+    expect(errno.E2BIG, lambda: env.be.hwpt_alloc(n.dev, n.viommu, data=data, data_len=24))
+
+
+def test_nested_long_data_with_zero_tail_is_accepted(env: Env) -> None:
+    n = nest(env)
+    assert env.be.hwpt_alloc(n.dev, n.viommu, data=[*vste(), 0], data_len=24) > 0
+
+
+def test_nested_flags_are_eopnotsupp(env: Env) -> None:
+    n = nest(env)
+    flags = uapi.HwptAllocFlags.NEST_PARENT
+    expect(errno.EOPNOTSUPP, lambda: env.be.hwpt_alloc(n.dev, n.viommu, flags=flags, data=vste()))
+
+
+VSTE_CASES = [
+    ("v0_garbage_accepted", (STE.S1CONTEXTPTR.put(0, 0x1000) | (1 << 60), 1 << 19), 0),
+    ("abort", vste(SteConfig.ABORT), 0),
+    ("bypass", vste(SteConfig.BYPASS), 0),
+    ("s1_translate", vste(), 0),
+    ("eats_full", vste(w1=STE.EATS.put(0, Eats.FULL)), 0),
+    ("eats_split", vste(w1=STE.EATS.put(0, Eats.SPLIT)), errno.EIO),
+    ("cfg_s2", vste(SteConfig.S2_TRANS), errno.EIO),
+    ("cfg_nested", vste(SteConfig.NESTED), errno.EIO),
+    ("cfg_reserved", vste(0b001), errno.EIO),
+    ("w0_disallowed_bit", (vste()[0] | (1 << 52), 0), errno.EIO),
+    ("w1_mev_disallowed", vste(w1=STE.MEV.put(0, 1)), errno.EIO),
+    ("w1_strw_disallowed", vste(w1=STE.STRW.put(0, 2)), errno.EIO),
+]
+
+
+@pytest.mark.parametrize(("ste", "err"), [c[1:] for c in VSTE_CASES], ids=[c[0] for c in VSTE_CASES])
+def test_vste_validation(env: Env, ste: tuple[int, int], err: int) -> None:
+    n = nest(env)
+    if err:
+        expect(err, lambda: env.be.hwpt_alloc(n.dev, n.viommu, data=ste))
+    else:
+        assert env.be.hwpt_alloc(n.dev, n.viommu, data=ste) > n.viommu
+
+
+@pytest.mark.parametrize("kind", ["sim"])
+def test_host_rejecting_ats_makes_eats_eio(kind: str) -> None:
+    e = make_env(kind, HostPersonality(ats_in_nested=False))
+    n = nest(e)
+    expect(errno.EIO, lambda: e.be.hwpt_alloc(n.dev, n.viommu, data=vste(w1=STE.EATS.put(0, 1))))
+
+
+@pytest.mark.parametrize("kind", ["sim"])
+def test_host_without_nesting_refuses_nest_parent(kind: str) -> None:
+    e = make_env(kind, HostPersonality(nesting=False))
+    dev = e.new_device(1)
+    ioas = e.be.ioas_alloc()
+    expect(
+        errno.EOPNOTSUPP,
+        lambda: e.be.hwpt_alloc(dev, ioas, flags=uapi.HwptAllocFlags.NEST_PARENT),
+    )
+
+
+# --- vIOMMU ---
+
+
+def test_viommu_on_non_parent_is_einval(env: Env) -> None:
+    dev = env.new_device(1)
+    hwpt = env.be.hwpt_alloc(dev, env.be.ioas_alloc())
+    expect(errno.EINVAL, lambda: env.be.viommu_alloc(dev, hwpt))
+
+
+def test_viommu_bad_hwpt_is_enoent(env: Env) -> None:
+    dev = env.new_device(1)
+    expect(errno.ENOENT, lambda: env.be.viommu_alloc(dev, 999))
+
+
+def test_viommu_bad_dev_is_enoent(env: Env) -> None:
+    n = nest(env)
+    expect(errno.ENOENT, lambda: env.be.viommu_alloc(999, n.s2))
+
+
+def test_viommu_default_type_is_eopnotsupp(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EOPNOTSUPP, lambda: env.be.viommu_alloc(n.dev, n.s2, type_=0))
+
+
+def test_viommu_flags_are_eopnotsupp(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EOPNOTSUPP, lambda: env.be.viommu_alloc(n.dev, n.s2, flags=1))
+
+
+@pytest.mark.parametrize("kind", ["sim"])
+def test_viommu_needs_canwbs_or_s2fwb(kind: str) -> None:
+    e = make_env(kind, HostPersonality(canwbs=False, s2fwb=False))
+    dev = e.new_device(1)
+    s2 = e.be.hwpt_alloc(dev, e.be.ioas_alloc(), flags=uapi.HwptAllocFlags.NEST_PARENT)
+    expect(errno.EOPNOTSUPP, lambda: e.be.viommu_alloc(dev, s2))
+
+
+# --- vDEVICE ---
+
+
+def test_second_vdevice_for_a_device_is_eexist(env: Env) -> None:
+    n = nest(env)
+    env.be.vdevice_alloc(n.viommu, n.dev, 1)
+    expect(errno.EEXIST, lambda: env.be.vdevice_alloc(n.viommu, n.dev, 2))
+
+
+def test_taken_virt_id_is_eexist(env: Env) -> None:
+    n = nest(env)
+    other = env.new_device(0x20)
+    env.be.vdevice_alloc(n.viommu, n.dev, 5)
+    expect(errno.EEXIST, lambda: env.be.vdevice_alloc(n.viommu, other, 5))
+
+
+def test_vdevice_bad_viommu_is_enoent(env: Env) -> None:
+    n = nest(env)
+    expect(errno.ENOENT, lambda: env.be.vdevice_alloc(999, n.dev, 1))
+
+
+def test_vdevice_bad_dev_is_enoent(env: Env) -> None:
+    n = nest(env)
+    expect(errno.ENOENT, lambda: env.be.vdevice_alloc(n.viommu, 999, 1))
+
+
+def test_vdevice_virt_id_beyond_ulong_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.vdevice_alloc(n.viommu, n.dev, uapi.ULONG_MAX + 1))
+
+
+def test_vdevice_destroy_frees_virt_id(env: Env) -> None:
+    n = nest(env)
+    v = env.be.vdevice_alloc(n.viommu, n.dev, 7)
+    env.be.destroy(v)
+    assert env.be.vdevice_alloc(n.viommu, n.dev, 7) == v
+
+
+# --- attach ---
+
+
+def test_attach_translate_without_vdevice_is_enoent(env: Env) -> None:
+    n = nest(env)
+    h = env.be.hwpt_alloc(n.dev, n.viommu, data=vste())
+    expect(errno.ENOENT, lambda: env.be.device_attach(n.dev, h))
+
+
+@pytest.mark.parametrize("cfg", [SteConfig.ABORT, SteConfig.BYPASS])
+def test_attach_abort_or_bypass_without_vdevice_is_allowed(env: Env, cfg: int) -> None:
+    n = nest(env)
+    h = env.be.hwpt_alloc(n.dev, n.viommu, data=vste(cfg))
+    env.be.device_attach(n.dev, h)
+    expect(errno.EBUSY, lambda: env.be.destroy(h))
+
+
+def test_replace_unattached_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.device_replace(n.dev, n.s2))
+
+
+def test_detach_unattached_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.device_detach(n.dev))
+
+
+def test_attach_bad_pt_is_enoent(env: Env) -> None:
+    n = nest(env)
+    expect(errno.ENOENT, lambda: env.be.device_attach(n.dev, 999))
+
+
+def test_replace_moves_the_reference(env: Env) -> None:
+    n = nest(env)
+    a = env.be.hwpt_alloc(n.dev, n.viommu, data=vste(SteConfig.ABORT))
+    b = env.be.hwpt_alloc(n.dev, n.viommu, data=vste(SteConfig.BYPASS))
+    env.be.device_attach(n.dev, a)
+    env.be.device_replace(n.dev, b)
+    env.be.destroy(a)
+    expect(errno.EBUSY, lambda: env.be.destroy(b))
+
+
+def test_attach_to_ioas_pins_it_until_detach(env: Env) -> None:
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    env.be.device_attach(dev, ioas)
+    expect(errno.EBUSY, lambda: env.be.destroy(ioas))
+    env.be.device_detach(dev)
+    env.be.destroy(ioas)
+
+
+# --- invalidation ---
+
+ALLOWED = [
+    cmd(CmdOpcode.TLBI_NSNH_ALL),
+    cmd(CmdOpcode.TLBI_NH_ALL, VMID=0x55),
+    cmd(CmdOpcode.TLBI_NH_ASID, ASID=3),
+    cmd(CmdOpcode.TLBI_NH_VA, ASID=3, VA=0x1000),
+    cmd(CmdOpcode.TLBI_NH_VAA, VA=0x2000),
+    cmd(CmdOpcode.CFGI_CD, SID=0x10),
+    cmd(CmdOpcode.CFGI_CD_ALL, SID=0x10),
+    cmd(CmdOpcode.ATC_INV, SID=0x10),
+]
+
+
+@pytest.mark.parametrize("entry", ALLOWED, ids=[CmdOpcode(CMD.OPCODE.get(c[0])).name for c in ALLOWED])
+def test_allowed_invalidation_is_handled(env: Env, entry: tuple[int, int]) -> None:
+    n = nest(env)
+    env.be.vdevice_alloc(n.viommu, n.dev, 0x10)
+    assert env.be.hwpt_invalidate(n.viommu, [entry]) == 1
+
+
+REFUSED = [CmdOpcode.CFGI_STE, CmdOpcode.TLBI_S12_VMALL, CmdOpcode.TLBI_EL2_ALL, CmdOpcode.SYNC]
+
+
+@pytest.mark.parametrize("opcode", REFUSED, ids=[o.name for o in REFUSED])
+def test_refused_opcode_is_eio_at_its_index(env: Env, opcode: CmdOpcode) -> None:
+    n = nest(env)
+    entries = [cmd(CmdOpcode.TLBI_NSNH_ALL), cmd(CmdOpcode.TLBI_NH_ALL), cmd(opcode)]
+    exc = expect(errno.EIO, lambda: env.be.hwpt_invalidate(n.viommu, entries))
+    assert exc.handled == 2
+
+
+def test_cfgi_cd_for_unknown_vsid_is_eio(env: Env) -> None:
+    n = nest(env)
+    exc = expect(errno.EIO, lambda: env.be.hwpt_invalidate(n.viommu, [cmd(CmdOpcode.CFGI_CD, SID=9)]))
+    assert exc.handled == 0
+
+
+def test_invalidate_nested_hwpt_is_eopnotsupp(env: Env) -> None:
+    n = nest(env)
+    h = env.be.hwpt_alloc(n.dev, n.viommu, data=vste(SteConfig.ABORT))
+    expect(errno.EOPNOTSUPP, lambda: env.be.hwpt_invalidate(h, [cmd(CmdOpcode.TLBI_NSNH_ALL)]))
+
+
+def test_invalidate_paging_hwpt_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.hwpt_invalidate(n.s2, [cmd(CmdOpcode.TLBI_NSNH_ALL)]))
+
+
+def test_invalidate_unknown_id_is_enoent(env: Env) -> None:
+    expect(errno.ENOENT, lambda: env.be.hwpt_invalidate(999, [cmd(CmdOpcode.TLBI_NSNH_ALL)]))
+
+
+def test_invalidate_empty_array_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.hwpt_invalidate(n.viommu, []))
+
+
+def test_invalidate_wrong_data_type_is_einval(env: Env) -> None:
+    n = nest(env)
+    entries = [cmd(CmdOpcode.TLBI_NSNH_ALL)]
+    expect(errno.EINVAL, lambda: env.be.hwpt_invalidate(n.viommu, entries, data_type=0))
+
+
+def test_invalidate_zero_entry_len_is_einval(env: Env) -> None:
+    n = nest(env)
+    entries = [cmd(CmdOpcode.TLBI_NSNH_ALL)]
+    expect(errno.EINVAL, lambda: env.be.hwpt_invalidate(n.viommu, entries, entry_len=0))
+
+
+# --- vEVENTQ ---
+
+
+def test_veventq_depth_zero_is_einval(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.veventq_alloc(n.viommu, 0))
+
+
+def test_second_veventq_of_a_type_is_eexist(env: Env) -> None:
+    n = nest(env)
+    q = env.be.veventq_alloc(n.viommu, 2)
+    expect(errno.EEXIST, lambda: env.be.veventq_alloc(n.viommu, 2))
+    os.close(q.fd)
+
+
+def test_veventq_default_type_is_eopnotsupp(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EOPNOTSUPP, lambda: env.be.veventq_alloc(n.viommu, 2, type_=0))
+
+
+def test_veventq_flags_are_eopnotsupp(env: Env) -> None:
+    n = nest(env)
+    expect(errno.EOPNOTSUPP, lambda: env.be.veventq_alloc(n.viommu, 2, flags=1))
+
+
+def test_veventq_bad_viommu_is_enoent(env: Env) -> None:
+    expect(errno.ENOENT, lambda: env.be.veventq_alloc(999, 2))
+
+
+def test_veventq_fd_is_nonblocking_and_empty(env: Env) -> None:
+    n = nest(env)
+    q = env.be.veventq_alloc(n.viommu, 2)
+    with pytest.raises(BlockingIOError):
+        os.read(q.fd, 4096)
+    os.close(q.fd)
+
+
+# --- hw_info ---
+
+
+def test_hw_info_bad_dev_is_enoent(env: Env) -> None:
+    expect(errno.ENOENT, lambda: env.be.hw_info(999))
+
+
+def test_hw_info_reports_arm_smmuv3(env: Env) -> None:
+    info = env.be.hw_info(env.new_device(1))
+    assert info.data_type == uapi.HwInfoType.ARM_SMMUV3
+    assert len(info.data) == uapi.ctypes.sizeof(uapi.IommuHwInfoArmSmmuv3)
+
+
+def test_hw_info_unsupported_type_is_eopnotsupp(env: Env) -> None:
+    dev = env.new_device(1)
+    expect(errno.EOPNOTSUPP, lambda: env.be.hw_info(dev, uapi.HwInfoType.INTEL_VTD))

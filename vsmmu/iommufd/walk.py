@@ -1,0 +1,456 @@
+"""The simulated physical SMMU: nested DMA translation, IOTLB, fault events.
+
+:class:`PhysicalSmmu` belongs to a :class:`vsmmu.iommufd.sim.SimIommufd` and
+translates the DMA of its mock devices through each device's attached HWPT:
+
+* not attached: blocked (``DmaFault``, no event);
+* ``HWPT_PAGING``: stage 2 only, the IOAS mappings;
+* ``HWPT_NESTED``: the physical STE the kernel would build from the vSTE —
+  V=0 → ``C_BAD_STE`` (the kernel installs an abort STE "with the intention
+  that C_BAD_STE for this SID can be generated to userspace"); Config=abort →
+  silent abort (architecturally no event); bypass → stage 2 only;
+  S1-translate → the CD is fetched from ``S1ContextPtr`` (linear or 2-level
+  by ``S1Fmt``, SubstreamID 0) and stage 1 is walked from TTB0/TTB1 chosen by
+  T0SZ/T1SZ and EPD0/EPD1, with TG0/TG1 granules 4K/16K/64K, table, block
+  and page descriptors, AF and AP[2:1].  Every table and CD address is an IPA
+  translated through stage 2 (the IOAS).
+
+IOTLB: entries are tagged (VMID, ASID, VA 4K page) and hold the final host
+location of that page, as a combined S1+S2 TLB does.  A changed guest table
+is therefore *not* seen until the guest invalidates: TLBI_NH_VA/VAA (with
+range), NH_ASID, NH_ALL and NSNH_ALL (through ``HWPT_INVALIDATE``) remove
+entries; CFGI_CD/CFGI_CD_ALL drop the cached CD; an IOAS map/unmap flushes
+everything (the kernel invalidates stage 2 itself).
+
+Fault policy (as the Linux host driver reports them): a stage-1 fault or a
+configuration error of a device with a vDEVICE is forwarded to its vIOMMU's
+vEVENTQ with the StreamID replaced by the vSID (ids C_BAD_STE, C_BAD_CD,
+C_BAD_SUBSTREAMID, F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION);
+stage-2 faults (S2=1), faults of non-nested devices and events with no
+vEVENTQ are host events: logged and appended to :attr:`PhysicalSmmu.host_events`.
+Either way the DMA raises :class:`DmaFault` carrying the event.
+
+Not modelled: APTable/PXNTable hierarchical permissions, contiguous hints,
+HA/HD, stall mode, SubstreamIDs other than 0, 52-bit addresses.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vsmmu.arch.cd import (
+    CD,
+    CD_SIZE,
+    CD_TXSZ_MAX,
+    CD_TXSZ_MIN,
+    L1_CD_SIZE,
+    L1CD,
+    TG0_PAGE_SHIFT,
+    TG1_PAGE_SHIFT,
+)
+from vsmmu.arch.commands import CMD, CmdOpcode, TlbiTg
+from vsmmu.arch.events import EVT, Event, EventClass, EventId, decode_event, encode_event
+from vsmmu.arch.ste import STE, S1Fmt, SteConfig
+from vsmmu.iommufd.backend import IommufdError
+
+if TYPE_CHECKING:
+    from vsmmu.iommufd.sim import SimDevice, SimIoas, SimIommufd, SimViommu
+
+log = logging.getLogger(__name__)
+
+# TODO(vsmmu.arch.pagetable): AArch64 VMSAv8-64 descriptor fields, to move to vsmmu.arch.
+DESC_VALID = 1 << 0
+DESC_TABLE = 1 << 1  # at levels 0-2: table (1) or block (0); at level 3 must be 1 (page)
+DESC_AP_UNPRIV = 1 << 6  # AP[1]: EL0 (unprivileged) access allowed
+DESC_AP_RDONLY = 1 << 7  # AP[2]: read-only
+DESC_AF = 1 << 10
+DESC_OA_MASK = ((1 << 48) - 1)  # output address bits [47:granule shift]
+DESC_OA_HIGH = ((1 << 52) - 1) ^ ((1 << 48) - 1)  # bits [51:48]: beyond a 48-bit OA
+DESC_SIZE = 8
+LAST_LEVEL = 3
+# TODO(vsmmu.arch.cd): CD.IPS encoding -> output address bits (as TCR_EL1.IPS).
+IPS_BITS = {0: 32, 1: 36, 2: 40, 3: 42, 4: 44, 5: 48, 6: 52}
+VA_BITS = 64
+TLB_PAGE_SHIFT = 12
+TLB_PAGE_MASK = (1 << TLB_PAGE_SHIFT) - 1
+TLB_CAPACITY = 8192
+TLBI_TG_SHIFT: dict[int, int] = {
+    TlbiTg.GRANULE_4K: 12, TlbiTg.GRANULE_16K: 14, TlbiTg.GRANULE_64K: 16
+}
+
+# Events the host driver forwards to a vEVENTQ (arm_smmu_handle_evt, nested masters).
+FORWARDED_EVENTS = frozenset(
+    {
+        EventId.C_BAD_STE,
+        EventId.F_STREAM_DISABLED,
+        EventId.C_BAD_SUBSTREAMID,
+        EventId.C_BAD_CD,
+        EventId.F_TRANSLATION,
+        EventId.F_ADDR_SIZE,
+        EventId.F_ACCESS,
+        EventId.F_PERMISSION,
+    }
+)
+ALLOWED_INVALIDATIONS = frozenset(
+    {
+        CmdOpcode.TLBI_NSNH_ALL,
+        CmdOpcode.TLBI_NH_VA,
+        CmdOpcode.TLBI_NH_VAA,
+        CmdOpcode.TLBI_NH_ALL,
+        CmdOpcode.TLBI_NH_ASID,
+        CmdOpcode.ATC_INV,
+        CmdOpcode.CFGI_CD,
+        CmdOpcode.CFGI_CD_ALL,
+    }
+)
+
+
+class DmaFault(Exception):
+    """A DMA of an emulated endpoint could not complete.
+
+    ``event`` is the architectural event (None when the transaction was
+    silently aborted or blocked); ``delivered`` tells whether it went to a
+    vEVENTQ (with the vSID) rather than to the host log.
+    """
+
+    def __init__(self, message: str, event: Event | None = None, delivered: bool = False) -> None:
+        super().__init__(message)
+        self.event = event
+        self.delivered = delivered
+
+
+@dataclass(frozen=True, slots=True)
+class TlbEntry:
+    """One IOTLB entry: a 4K page of a stage-1 leaf, resolved to host memory."""
+
+    leaf_base: int
+    leaf_size: int
+    view: memoryview
+    offset: int
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CdConfig:
+    """The fields of a valid CD the walker uses."""
+
+    asid: int
+    ttb: tuple[int, int]
+    tsz: tuple[int, int]
+    shift: tuple[int, int]
+    epd: tuple[bool, bool]
+    oa_bits: int
+
+
+class _Fault(Exception):
+    """Internal: a fault with its event fields, turned into DmaFault by the caller."""
+
+    def __init__(self, event_id: EventId, reason: str, **fields: int) -> None:
+        super().__init__(reason)
+        self.event_id = event_id
+        self.fields = fields
+
+
+class PhysicalSmmu:
+    """The sim's physical SMMU (see the module docstring)."""
+
+    def __init__(self, sim: SimIommufd) -> None:
+        self.sim = sim
+        self.tlb: dict[tuple[int, int, int], TlbEntry] = {}
+        self.cd_cache: dict[int, CdConfig] = {}
+        self.host_events: list[Event] = []
+        self.walks = 0
+
+    # --- configuration and invalidation hooks from the object model ---
+
+    def install_ste(self, dev: SimDevice) -> None:
+        """A new physical STE for ``dev`` (attach/replace/detach): CFGI_STE semantics."""
+        self.cd_cache.pop(dev.stream_id, None)
+
+    def flush_stage2(self, ioas: SimIoas) -> None:
+        """The IOAS changed: the kernel invalidates stage 2, which drops combined entries."""
+        del ioas
+        self.tlb.clear()
+
+    def flush_vmid(self, vmid: int) -> None:
+        """Drop every entry of ``vmid`` (its S2 HWPT is gone)."""
+        self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid}
+
+    def invalidate(self, viommu: SimViommu, w0: int, w1: int, op: str) -> None:
+        """Convert one guest command as arm_vsmmu_convert_user_cmd, then execute it."""
+        opcode = CMD.OPCODE.get(w0)
+        if opcode not in ALLOWED_INVALIDATIONS:
+            raise IommufdError(
+                errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation"
+            )
+        vmid = viommu.vmid
+        if opcode == CmdOpcode.TLBI_NSNH_ALL:
+            opcode = CmdOpcode.TLBI_NH_ALL
+        if opcode in (CmdOpcode.ATC_INV, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL):
+            vsid = CMD.SID.get(w0)
+            vdev = viommu.vdevs.get(vsid)
+            if vdev is None or vdev.device is None:
+                raise IommufdError(
+                    errno.EIO, op, f"vSID {vsid:#x}: no vDEVICE on vIOMMU {viommu.id}"
+                )
+            psid = vdev.device.stream_id
+            if opcode != CmdOpcode.ATC_INV:
+                self.cd_cache.pop(psid, None)
+            return
+        if opcode == CmdOpcode.TLBI_NH_ALL:
+            self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid}
+            return
+        asid = CMD.ASID.get(w0)
+        if opcode == CmdOpcode.TLBI_NH_ASID:
+            self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid or k[1] != asid}
+            return
+        start, end = self._tlbi_range(w0, w1)
+        any_asid = opcode == CmdOpcode.TLBI_NH_VAA
+        self.tlb = {
+            k: e
+            for k, e in self.tlb.items()
+            if not (
+                k[0] == vmid
+                and (any_asid or k[1] == asid)
+                and e.leaf_base < end
+                and start < e.leaf_base + e.leaf_size
+            )
+        }
+
+    @staticmethod
+    def _tlbi_range(w0: int, w1: int) -> tuple[int, int]:
+        addr = CMD.VA.get(w1)
+        tg = CMD.TG.get(w1)
+        if tg == TlbiTg.NONE:
+            return addr, addr + 1
+        shift = TLBI_TG_SHIFT[tg]
+        pages = (CMD.NUM.get(w0) + 1) << CMD.SCALE.get(w0)
+        return addr, addr + (pages << shift)
+
+    # --- DMA ---
+
+    def access(self, dev: SimDevice, iova: int, length: int, write: bool) -> list[memoryview]:
+        """Translate ``[iova, iova + length)``; return host views covering it in order.
+
+        Raises DmaFault (after reporting the event) on the first faulting page.
+        """
+        views: list[memoryview] = []
+        while length > 0:
+            chunk = min(length, TLB_PAGE_MASK + 1 - (iova & TLB_PAGE_MASK))
+            view, off = self._translate_page(dev, iova, write)
+            views.append(view[off : off + chunk])
+            iova += chunk
+            length -= chunk
+        return views
+
+    def _translate_page(self, dev: SimDevice, iova: int, write: bool) -> tuple[memoryview, int]:
+        from vsmmu.iommufd.sim import SimHwptNested
+
+        hwpt = dev.hwpt
+        if isinstance(hwpt, SimHwptNested) and hwpt.viommu is not None:
+            vmid = hwpt.viommu.vmid
+            ste0 = hwpt.ste[0]
+            cfg = STE.CONFIG.get(ste0)
+            if STE.V.test(ste0) and cfg == SteConfig.S1_TRANS:
+                cd = self.cd_cache.get(dev.stream_id)
+                if cd is not None:
+                    entry = self.tlb.get((vmid, cd.asid, iova >> TLB_PAGE_SHIFT))
+                    if entry is not None and (entry.writable or not write):
+                        return entry.view, entry.offset + (iova & TLB_PAGE_MASK)
+        try:
+            return self._walk(dev, iova, write)
+        except _Fault as fault:
+            raise self._report(dev, iova, write, fault) from None
+        except (IndexError, ValueError, KeyError) as exc:  # hostile tables never escape raw
+            raise self._report(
+                dev, iova, write, _Fault(EventId.C_BAD_CD, f"malformed configuration: {exc}")
+            ) from None
+
+    def _walk(self, dev: SimDevice, iova: int, write: bool) -> tuple[memoryview, int]:
+        from vsmmu.iommufd.sim import SimHwptNested, SimHwptPaging
+
+        self.walks += 1
+        hwpt = dev.hwpt
+        if hwpt is None:
+            raise DmaFault(f"device {dev.id} (SID {dev.stream_id:#x}) is not attached: blocked")
+        if isinstance(hwpt, SimHwptPaging):
+            assert hwpt.ioas is not None
+            return self._stage2(hwpt.ioas, iova, write, EventClass.IN, iova)
+        assert isinstance(hwpt, SimHwptNested) and hwpt.viommu is not None
+        viommu = hwpt.viommu
+        assert viommu.parent is not None and viommu.parent.ioas is not None
+        ioas = viommu.parent.ioas
+        ste0, _ = hwpt.ste
+        if not STE.V.test(ste0):
+            raise _Fault(EventId.C_BAD_STE, "vSTE V=0")
+        cfg = STE.CONFIG.get(ste0)
+        if cfg == SteConfig.ABORT:
+            raise DmaFault(f"device {dev.id}: vSTE Config=abort (no event)")
+        if cfg == SteConfig.BYPASS:
+            return self._stage2(ioas, iova, write, EventClass.IN, iova)
+        cd = self.cd_cache.get(dev.stream_id)
+        if cd is None:
+            cd = self._fetch_cd(ioas, ste0)
+            self.cd_cache[dev.stream_id] = cd
+        leaf_base, leaf_size, out_ipa, writable = self._stage1(ioas, cd, iova, write)
+        view, off = self._stage2(ioas, out_ipa, write, EventClass.IN, iova)
+        page_off = off - (out_ipa & TLB_PAGE_MASK)
+        if len(self.tlb) >= TLB_CAPACITY:
+            self.tlb.pop(next(iter(self.tlb)))
+        key = (viommu.vmid, cd.asid, iova >> TLB_PAGE_SHIFT)
+        self.tlb[key] = TlbEntry(leaf_base, leaf_size, view, page_off, writable)
+        return view, off
+
+    def _stage2(
+        self, ioas: SimIoas, ipa: int, write: bool, cls: EventClass, iova: int
+    ) -> tuple[memoryview, int]:
+        from vsmmu.iommufd.uapi import IoasMapFlags
+
+        m = ioas.lookup(ipa)
+        if m is None:
+            raise _Fault(
+                EventId.F_TRANSLATION, f"S2: IPA {ipa:#x} not mapped", s2=1, ipa=ipa & ~0xFFF,
+                event_class=int(cls), input_addr=iova,
+            )
+        if write and not m.flags & IoasMapFlags.WRITEABLE:
+            raise _Fault(
+                EventId.F_PERMISSION, f"S2: IPA {ipa:#x} read-only", s2=1, ipa=ipa & ~0xFFF,
+                event_class=int(cls), input_addr=iova,
+            )
+        return m.mapping.view(), ipa - m.iova
+
+    def _read_ipa(self, ioas: SimIoas, ipa: int, size: int, cls: EventClass, iova: int) -> bytes:
+        view, off = self._stage2(ioas, ipa, False, cls, iova)
+        return bytes(view[off : off + size])
+
+    def _fetch_cd(self, ioas: SimIoas, ste0: int) -> CdConfig:
+        ptr = STE.S1CONTEXTPTR.get(ste0)
+        fmt = STE.S1FMT.get(ste0)
+        if fmt in (S1Fmt.TWO_LEVEL_4K, S1Fmt.TWO_LEVEL_64K):
+            l1 = int.from_bytes(self._read_ipa(ioas, ptr, L1_CD_SIZE, EventClass.CD, 0), "little")
+            if not L1CD.V.test(l1):
+                raise _Fault(EventId.C_BAD_SUBSTREAMID, "L1CD V=0 for SubstreamID 0")
+            ptr = L1CD.L2PTR.get(l1)
+            # SubstreamID 0 is index 0 in the L1 table and in the leaf table.
+        elif fmt != S1Fmt.LINEAR:
+            raise _Fault(EventId.C_BAD_STE, f"S1Fmt {fmt} reserved")
+        raw = self._read_ipa(ioas, ptr, CD_SIZE, EventClass.CD, 0)
+        words = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, 32, 8)]
+        w0 = words[0]
+        if not CD.V.test(w0):
+            raise _Fault(EventId.C_BAD_CD, "CD V=0")
+        if not CD.AA64.test(w0):
+            raise _Fault(EventId.C_BAD_CD, "CD AA64=0: only AArch64 tables are supported")
+        tsz = (CD.T0SZ.get(w0), CD.T1SZ.get(w0))
+        for sz in tsz:
+            if not CD_TXSZ_MIN <= sz <= CD_TXSZ_MAX:
+                raise _Fault(
+                    EventId.C_BAD_CD, f"CD TxSZ {sz} outside [{CD_TXSZ_MIN}, {CD_TXSZ_MAX}]"
+                )
+        tg0, tg1 = CD.TG0.get(w0), CD.TG1.get(w0)
+        if tg0 not in TG0_PAGE_SHIFT or tg1 not in TG1_PAGE_SHIFT:
+            raise _Fault(EventId.C_BAD_CD, f"CD TG0 {tg0} / TG1 {tg1} reserved")
+        ips = CD.IPS.get(w0)
+        if ips not in IPS_BITS:
+            raise _Fault(EventId.C_BAD_CD, f"CD IPS {ips} reserved")
+        return CdConfig(
+            asid=CD.ASID.get(w0),
+            ttb=(CD.TTB0.get(words[1]), CD.TTB1.get(words[2])),
+            tsz=tsz,
+            shift=(TG0_PAGE_SHIFT[tg0], TG1_PAGE_SHIFT[tg1]),
+            epd=(CD.EPD0.test(w0), CD.EPD1.test(w0)),
+            oa_bits=IPS_BITS[ips],
+        )
+
+    def _stage1(
+        self, ioas: SimIoas, cd: CdConfig, iova: int, write: bool
+    ) -> tuple[int, int, int, bool]:
+        """Walk stage 1: return (leaf VA base, leaf size, output IPA, writable)."""
+        if iova >> (VA_BITS - cd.tsz[0]) == 0:
+            half = 0
+        elif iova >> (VA_BITS - cd.tsz[1]) == (1 << cd.tsz[1]) - 1:
+            half = 1
+        else:
+            raise _Fault(EventId.F_TRANSLATION, f"VA {iova:#x} in neither TTB0 nor TTB1 range",
+                         event_class=int(EventClass.IN), input_addr=iova)
+        if cd.epd[half]:
+            raise _Fault(EventId.F_TRANSLATION, f"VA {iova:#x}: EPD{half}=1",
+                         event_class=int(EventClass.IN), input_addr=iova)
+        ia_bits = VA_BITS - cd.tsz[half]
+        shift = cd.shift[half]
+        stride = shift - 3
+        levels = -(-(ia_bits - shift) // stride)
+        level = LAST_LEVEL + 1 - levels
+        table = cd.ttb[half]
+        oa_limit = 1 << cd.oa_bits
+        fault = {"event_class": int(EventClass.IN), "input_addr": iova}
+        if table >= oa_limit:
+            raise _Fault(EventId.F_ADDR_SIZE, f"TTB{half} {table:#x} beyond IPS", **fault)
+        while True:
+            lsb = shift + (LAST_LEVEL - level) * stride
+            index = (iova >> lsb) & ((1 << stride) - 1)
+            if level == LAST_LEVEL + 1 - levels:
+                index = (iova & ((1 << ia_bits) - 1)) >> lsb
+            desc_ipa = table + index * DESC_SIZE
+            raw = self._read_ipa(ioas, desc_ipa, DESC_SIZE, EventClass.TT, iova)
+            desc = int.from_bytes(raw, "little")
+            where = f"level {level} descriptor {desc:#x} at IPA {desc_ipa:#x}"
+            if not desc & DESC_VALID:
+                raise _Fault(EventId.F_TRANSLATION, f"{where}: invalid", **fault)
+            is_table = bool(desc & DESC_TABLE)
+            if level == LAST_LEVEL and not is_table:
+                raise _Fault(EventId.F_TRANSLATION, f"{where}: reserved at level 3", **fault)
+            out = desc & DESC_OA_MASK & ~((1 << shift) - 1)
+            if desc & DESC_OA_HIGH or out >= oa_limit:
+                raise _Fault(EventId.F_ADDR_SIZE, f"{where}: address beyond IPS", **fault)
+            if is_table and level < LAST_LEVEL:
+                table = out
+                level += 1
+                continue
+            # A block is legal where the level maps at most 1 GiB with 4K, 512 MiB with 64K.
+            min_block_level = 1 if shift == TLB_PAGE_SHIFT else 2
+            if level < min_block_level:
+                raise _Fault(EventId.F_TRANSLATION, f"{where}: block not allowed here", **fault)
+            leaf_size = 1 << lsb
+            out &= ~(leaf_size - 1)
+            if not desc & DESC_AF:
+                raise _Fault(EventId.F_ACCESS, f"{where}: AF=0", **fault)
+            if not desc & DESC_AP_UNPRIV:
+                raise _Fault(EventId.F_PERMISSION, f"{where}: no unprivileged access", **fault)
+            writable = not desc & DESC_AP_RDONLY
+            if write and not writable:
+                raise _Fault(EventId.F_PERMISSION, f"{where}: read-only", **fault)
+            leaf_base = iova & ~(leaf_size - 1)
+            return leaf_base, leaf_size, out | (iova & (leaf_size - 1)), writable
+
+    def _report(self, dev: SimDevice, iova: int, write: bool, fault: _Fault) -> DmaFault:
+        fields = dict(fault.fields)
+        klass = fields.pop("event_class", None)
+        if fault.event_id in (EventId.F_TRANSLATION, EventId.F_ADDR_SIZE, EventId.F_ACCESS,
+                              EventId.F_PERMISSION):
+            fields.setdefault("input_addr", iova)
+            fields["rnw"] = 0 if write else 1
+            if klass is not None:
+                fields["class"] = klass
+        vdev = dev.vdev
+        forward = (
+            vdev is not None
+            and vdev.viommu is not None
+            and fault.event_id in FORWARDED_EVENTS
+            and not fields.get("s2", 0)
+        )
+        sid = vdev.virt_id if forward and vdev is not None else dev.stream_id
+        raw = encode_event(fault.event_id, sid=sid & EVT.SID.mask, **fields)
+        event = decode_event(raw)
+        delivered = False
+        if forward and vdev is not None and vdev.viommu is not None:
+            delivered = self.sim.report_event(vdev.viommu, raw)
+        if not delivered:
+            self.host_events.append(event)
+            log.warning("host SMMU event for dev %d (SID %#x): %s (%s)", dev.id, dev.stream_id,
+                        event, fault)
+        return DmaFault(f"DMA {'write' if write else 'read'} at {iova:#x}: {event}: {fault}",
+                        event, delivered)
