@@ -24,8 +24,12 @@ logger = logging.getLogger(__name__)
 
 #: Red Hat's vendor id (QEMU's test devices use it); a device id of our own.
 SAMPLE_IDENTITY = PciIdentity(
-    vendor_id=0x1B36, device_id=0x10F0, class_code=0xFF0000, subsystem_vendor_id=0x1B36,
-    subsystem_id=0x0001, revision=1,
+    vendor_id=0x1B36,
+    device_id=0x10F0,
+    class_code=0xFF0000,
+    subsystem_vendor_id=0x1B36,
+    subsystem_id=0x0001,
+    revision=1,
 )
 SAMPLE_BAR_SIZE = 0x1000
 SAMPLE_MAGIC = 0x5653_4D55  # "VSMU"

@@ -215,7 +215,9 @@ async def test_intx_eventfd_automask_and_level(client: VfioUserClient) -> None:
         await client.set_irqs(uapi.PciIrq.INTX, UNMASK, 0, 1)
         assert eventfd_value(fd) == 0
         # Guest mask holds a new assertion back until unmask.
-        await client.set_irqs(uapi.PciIrq.INTX, uapi.IRQ_SET_DATA_NONE | uapi.IRQ_SET_ACTION_MASK, 0, 1)
+        await client.set_irqs(
+            uapi.PciIrq.INTX, uapi.IRQ_SET_DATA_NONE | uapi.IRQ_SET_ACTION_MASK, 0, 1
+        )
         await client.region_write(BAR0, SampleReg.IRQ, u32(1))
         assert eventfd_value(fd) == 0
         await client.set_irqs(uapi.PciIrq.INTX, UNMASK, 0, 1)
@@ -229,7 +231,9 @@ async def test_irq_disable_and_deassign(client: VfioUserClient, sample: ScratchD
     try:
         await client.set_irqs(uapi.PciIrq.INTX, TRIGGER_EVENTFD, 0, 1, [fd])
         assert sample.pci.intx.eventfd is not None
-        await client.set_irqs(uapi.PciIrq.INTX, uapi.IRQ_SET_DATA_NONE | uapi.IRQ_SET_ACTION_TRIGGER)
+        await client.set_irqs(
+            uapi.PciIrq.INTX, uapi.IRQ_SET_DATA_NONE | uapi.IRQ_SET_ACTION_TRIGGER
+        )
         assert sample.pci.intx.eventfd is None
         await client.set_irqs(uapi.PciIrq.INTX, TRIGGER_EVENTFD, 0, 1, [fd])
         await client.set_irqs(uapi.PciIrq.INTX, TRIGGER_EVENTFD, 0, 1)  # no fd: de-assign
