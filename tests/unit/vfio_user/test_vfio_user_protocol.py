@@ -12,8 +12,13 @@ import pytest
 from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.client import ClientError, VfioUserClient
 from vsmmu.vfio_user.dma import DmaMapping
-from vsmmu.vfio_user.sample import SAMPLE_BAR_SIZE, SAMPLE_IDENTITY, SAMPLE_MAGIC, SampleReg
-from vsmmu.vfio_user.sample import ScratchDevice
+from vsmmu.vfio_user.sample import (
+    SAMPLE_BAR_SIZE,
+    SAMPLE_IDENTITY,
+    SAMPLE_MAGIC,
+    SampleReg,
+    ScratchDevice,
+)
 from vsmmu.vfio_user.server import VfioUserServer
 
 BAR0 = uapi.PciRegion.BAR0
@@ -123,7 +128,7 @@ async def test_posted_writes_are_in_order_and_never_answered(
 
 
 async def test_posted_write_error_gets_no_reply(client: VfioUserClient) -> None:
-    before = client._next_id  # noqa: SLF001
+    before = client._next_id
     await client.region_write(BAR0, SAMPLE_BAR_SIZE, u32(1), posted=True)
     reply = await client.request(uapi.Command.DEVICE_GET_INFO, uapi.DEVICE_INFO.pack(16, 0, 0, 0))
     assert reply is not None and reply.msg_id == before + 1
