@@ -1,0 +1,275 @@
+"""Stream table and context descriptor lookups, with the validity policy.
+
+Source: Arm IHI 0070 §3.3 "Data structures and translation procedure"
+(stream table formats, level-1 descriptor Span), §5.2 STE validity ("STE
+is ILLEGAL if ..."), §5.4 CD validity, §7.3 (which event each failure
+records).
+
+An STE lookup is classified as one of :class:`SteStatus`; the translator
+decides what to do with it (install a vSTE, record C_BAD_STE, ...) and can
+build the architectural event with :meth:`SteLookup.event`.
+
+Policy where the architecture leaves a choice (CONSTRAINED UNPREDICTABLE):
+
+* a level-1 descriptor with Span > SPLIT+1 is treated like Span=0: the SID
+  is C_BAD_STREAMID;
+* STRTAB_BASE_CFG.LOG2SIZE above IDR1.SIDSIZE is clamped to SIDSIZE, SPLIT
+  above LOG2SIZE is clamped to LOG2SIZE; FMT=2-level without IDR0.ST_LEVEL
+  advertising it, or a reserved FMT, is treated as linear;
+* an STE is ILLEGAL for: a reserved Config (1-3); Config using stage 2
+  (not advertised); for stage 1: S1CDMax > SSIDSIZE, a reserved S1Fmt or a
+  2-level S1Fmt without CD2L when S1CDMax != 0, S1ContextPtr beyond the
+  OAS, STRW other than NS-EL1 (no HYP advertised); for bypass/translate:
+  EATS != 0 without IDR0.ATS, a reserved EATS, EATS=split (needs stage 2);
+* a CD is ILLEGAL for: AA64=0 (only AArch64 tables advertised), ENDI=1
+  (little-endian only), an ASID above 255 without ASID16, and for each TTBx
+  not disabled by EPDx: a reserved or unadvertised granule, or a TxSZ
+  outside 16..39.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+
+from vsmmu.arch.cd import (
+    CD_L2_4K_INDEX_BITS,
+    CD_L2_64K_INDEX_BITS,
+    CD_SIZE,
+    CD_TXSZ_MAX,
+    CD_TXSZ_MIN,
+    L1_CD_SIZE,
+    TG0_PAGE_SHIFT,
+    TG1_PAGE_SHIFT,
+    Cd,
+    L1Cd,
+)
+from vsmmu.arch.events import EVT, Event, EventId
+from vsmmu.arch.registers import StrtabFmt
+from vsmmu.arch.ste import (
+    L1_STD_SIZE,
+    STE_SIZE,
+    Eats,
+    L1Std,
+    S1Fmt,
+    Ste,
+    SteConfig,
+    Strw,
+)
+from vsmmu.smmu.features import SmmuFeatures
+from vsmmu.smmu.interfaces import GuestMemory, GuestMemoryError, StreamTableConfig
+
+logger = logging.getLogger(__name__)
+
+ASID8_LIMIT = 1 << 8
+
+
+class SteStatus(enum.Enum):
+    """Outcome of looking up the STE of a StreamID."""
+
+    VALID = "valid"
+    INVALID = "invalid (V=0)"
+    ILLEGAL = "illegal for the advertised features"
+    BAD_STREAMID = "StreamID out of range"
+    FETCH_ABORT = "fetch abort"
+
+
+class CdStatus(enum.Enum):
+    """Outcome of looking up the CD of a SubstreamID."""
+
+    VALID = "valid"
+    INVALID = "invalid (V=0)"
+    ILLEGAL = "illegal for the advertised features"
+    BAD_SUBSTREAMID = "SubstreamID out of range"
+    FETCH_ABORT = "fetch abort"
+    NO_STAGE1 = "STE does not translate at stage 1"
+
+
+@dataclasses.dataclass(frozen=True)
+class SteLookup:
+    """The STE of ``sid``: where it was (``address``), what it says, and whether it is usable."""
+
+    sid: int
+    status: SteStatus
+    ste: Ste | None = None
+    address: int | None = None
+    reason: str = ""
+
+    def event(self, ssid: int | None = None) -> Event | None:
+        """The event a transaction from ``sid`` (and ``ssid``) records, or None if VALID."""
+        ids = {SteStatus.BAD_STREAMID: EventId.C_BAD_STREAMID,
+               SteStatus.INVALID: EventId.C_BAD_STE, SteStatus.ILLEGAL: EventId.C_BAD_STE,
+               SteStatus.FETCH_ABORT: EventId.F_STE_FETCH}
+        event_id = ids.get(self.status)
+        if event_id is None:
+            return None
+        fields = _stream_fields(self.sid, ssid)
+        if event_id is EventId.F_STE_FETCH and self.address is not None:
+            fields["fetch_addr"] = _fetch_addr(self.address)
+        return Event(event_id, fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class CdLookup:
+    """The CD of ``sid``/``ssid``: where it was, what it says, and whether it is usable."""
+
+    sid: int
+    ssid: int
+    status: CdStatus
+    cd: Cd | None = None
+    address: int | None = None
+    reason: str = ""
+
+    def event(self, ssv: bool = True) -> Event | None:
+        """The event a transaction with this SubstreamID records, or None if VALID."""
+        ids = {CdStatus.BAD_SUBSTREAMID: EventId.C_BAD_SUBSTREAMID,
+               CdStatus.INVALID: EventId.C_BAD_CD, CdStatus.ILLEGAL: EventId.C_BAD_CD,
+               CdStatus.FETCH_ABORT: EventId.F_CD_FETCH}
+        event_id = ids.get(self.status)
+        if event_id is None:
+            return None
+        fields = _stream_fields(self.sid, self.ssid if ssv else None)
+        if event_id is EventId.F_CD_FETCH and self.address is not None:
+            fields["fetch_addr"] = _fetch_addr(self.address)
+        return Event(event_id, fields)
+
+
+def _stream_fields(sid: int, ssid: int | None) -> dict[str, int]:
+    fields = {"sid": EVT.SID.clamp(sid)}
+    if ssid is not None:
+        fields["ssv"] = 1
+        fields["ssid"] = EVT.SSID.clamp(ssid)
+    return fields
+
+
+def _fetch_addr(address: int) -> int:
+    return EVT.FETCH_ADDR.clamp(address)
+
+
+def stream_table_config(features: SmmuFeatures, base: int, fmt: int, log2size: int,
+                        split: int) -> StreamTableConfig:
+    """Effective stream table configuration (clamped as documented in the module)."""
+    log2size = min(log2size, features.sidsize)
+    if fmt != StrtabFmt.TWO_LEVEL or not features.two_level_strtab:
+        fmt = StrtabFmt.LINEAR
+    return StreamTableConfig(base=base, fmt=fmt, log2size=log2size, split=min(split, log2size))
+
+
+def lookup_ste(memory: GuestMemory, features: SmmuFeatures, table: StreamTableConfig,
+               sid: int) -> SteLookup:
+    """Find, fetch and classify the STE of ``sid``; never raises for guest data."""
+    if sid < 0 or sid >> table.log2size:
+        return SteLookup(sid, SteStatus.BAD_STREAMID,
+                         reason=f"SID {sid:#x} >= 2**{table.log2size} stream table entries")
+    if table.fmt == StrtabFmt.TWO_LEVEL:
+        l1_address = table.base + (sid >> table.split) * L1_STD_SIZE
+        try:
+            l1 = L1Std.decode(memory.read(l1_address, L1_STD_SIZE))
+        except GuestMemoryError as exc:
+            return SteLookup(sid, SteStatus.FETCH_ABORT, address=l1_address, reason=str(exc))
+        l2_index = sid & ((1 << table.split) - 1)
+        if l1.span == 0 or l1.span > table.split + 1:
+            return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
+                             reason=f"level-1 Span={l1.span} (valid 1..{table.split + 1})")
+        if l2_index >> (l1.span - 1):
+            return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
+                             reason=f"SID {sid:#x} beyond level-1 Span={l1.span}")
+        address = l1.l2ptr + l2_index * STE_SIZE
+    else:
+        address = table.base + sid * STE_SIZE
+    try:
+        ste = Ste.decode(memory.read(address, STE_SIZE))
+    except GuestMemoryError as exc:
+        return SteLookup(sid, SteStatus.FETCH_ABORT, address=address, reason=str(exc))
+    if not ste.v:
+        return SteLookup(sid, SteStatus.INVALID, ste, address, "STE.V=0")
+    reason = ste_illegal_reason(ste, features)
+    if reason is not None:
+        return SteLookup(sid, SteStatus.ILLEGAL, ste, address, reason)
+    return SteLookup(sid, SteStatus.VALID, ste, address)
+
+
+def ste_illegal_reason(ste: Ste, features: SmmuFeatures) -> str | None:
+    """Why a V=1 STE is ILLEGAL for ``features``, or None if it is not."""
+    config = ste.config
+    if config not in SteConfig.__members__.values():
+        return f"STE.Config={config:#05b} is reserved"
+    if config in (SteConfig.S2_TRANS, SteConfig.NESTED):
+        return f"STE.Config={SteConfig(config).name} needs stage 2, which is not advertised"
+    if config == SteConfig.S1_TRANS:
+        if ste.s1cdmax > features.ssidsize:
+            return f"STE.S1CDMax={ste.s1cdmax} > IDR1.SSIDSIZE={features.ssidsize}"
+        if ste.s1cdmax:
+            if ste.s1fmt not in S1Fmt.__members__.values():
+                return f"STE.S1Fmt={ste.s1fmt} is reserved"
+            if ste.s1fmt != S1Fmt.LINEAR and not features.cd2l:
+                return f"STE.S1Fmt={S1Fmt(ste.s1fmt).name} without IDR0.CD2L"
+        if ste.s1_context_ptr >> features.oas_bits:
+            return (f"STE.S1ContextPtr={ste.s1_context_ptr:#x} beyond the "
+                    f"{features.oas_bits}-bit OAS")
+        if ste.strw != Strw.NSEL1:
+            return f"STE.STRW={ste.strw} needs IDR0.HYP, which is not advertised"
+    if config != SteConfig.ABORT and ste.eats:
+        if not features.ats:
+            return f"STE.EATS={ste.eats} but IDR0.ATS is not advertised"
+        if ste.eats not in (Eats.ABORT, Eats.FULL):
+            return f"STE.EATS={ste.eats} needs stage 2 (split) or is reserved"
+    return None
+
+
+def lookup_cd(memory: GuestMemory, features: SmmuFeatures, lookup: SteLookup,
+              ssid: int) -> CdLookup:
+    """Find, fetch and classify the CD of ``ssid`` under a VALID stage-1 STE."""
+    ste = lookup.ste
+    sid = lookup.sid
+    if lookup.status is not SteStatus.VALID or ste is None or ste.config != SteConfig.S1_TRANS:
+        return CdLookup(sid, ssid, CdStatus.NO_STAGE1, reason=f"STE is {lookup.status.value}")
+    if ssid < 0 or ssid >> ste.s1cdmax:
+        return CdLookup(sid, ssid, CdStatus.BAD_SUBSTREAMID,
+                        reason=f"SSID {ssid:#x} >= 2**S1CDMax={ste.s1cdmax}")
+    base = ste.s1_context_ptr
+    if ste.s1cdmax == 0 or ste.s1fmt == S1Fmt.LINEAR:
+        address = base + ssid * CD_SIZE
+    else:
+        bits = CD_L2_4K_INDEX_BITS if ste.s1fmt == S1Fmt.TWO_LEVEL_4K else CD_L2_64K_INDEX_BITS
+        l1_address = base + (ssid >> bits) * L1_CD_SIZE
+        try:
+            l1 = L1Cd.decode(memory.read(l1_address, L1_CD_SIZE))
+        except GuestMemoryError as exc:
+            return CdLookup(sid, ssid, CdStatus.FETCH_ABORT, address=l1_address, reason=str(exc))
+        if not l1.v:
+            return CdLookup(sid, ssid, CdStatus.BAD_SUBSTREAMID, address=l1_address,
+                            reason="level-1 CD descriptor V=0")
+        address = l1.l2ptr + (ssid & ((1 << bits) - 1)) * CD_SIZE
+    try:
+        cd = Cd.decode(memory.read(address, CD_SIZE))
+    except GuestMemoryError as exc:
+        return CdLookup(sid, ssid, CdStatus.FETCH_ABORT, address=address, reason=str(exc))
+    if not cd.v:
+        return CdLookup(sid, ssid, CdStatus.INVALID, cd, address, "CD.V=0")
+    reason = cd_illegal_reason(cd, features)
+    if reason is not None:
+        return CdLookup(sid, ssid, CdStatus.ILLEGAL, cd, address, reason)
+    return CdLookup(sid, ssid, CdStatus.VALID, cd, address)
+
+
+def cd_illegal_reason(cd: Cd, features: SmmuFeatures) -> str | None:
+    """Why a V=1 CD is ILLEGAL for ``features``, or None if it is not."""
+    if not cd.aa64:
+        return "CD.AA64=0 but only AArch64 tables are advertised"
+    if cd.endi:
+        return "CD.ENDI=1 but only little-endian tables are advertised"
+    if cd.asid >= ASID8_LIMIT and not features.asid16:
+        return f"CD.ASID={cd.asid:#x} needs IDR0.ASID16"
+    halves = (("TTB0", cd.epd0, cd.tg0, cd.t0sz, TG0_PAGE_SHIFT),
+              ("TTB1", cd.epd1, cd.tg1, cd.t1sz, TG1_PAGE_SHIFT))
+    for name, epd, tg, txsz, shifts in halves:
+        if epd:
+            continue
+        shift = shifts.get(tg)
+        if shift is None or not features.granule_supported(shift):
+            return f"CD {name} granule TG={tg} is reserved or not advertised"
+        if not CD_TXSZ_MIN <= txsz <= CD_TXSZ_MAX:
+            return f"CD {name} TxSZ={txsz} outside {CD_TXSZ_MIN}..{CD_TXSZ_MAX}"
+    return None
