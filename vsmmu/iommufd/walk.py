@@ -345,13 +345,15 @@ class PhysicalSmmu:
         if not CD.AA64.test(w0):
             raise _Fault(EventId.C_BAD_CD, "CD AA64=0: only AArch64 tables are supported")
         tsz = (CD.T0SZ.get(w0), CD.T1SZ.get(w0))
-        for sz in tsz:
-            if not CD_TXSZ_MIN <= sz <= CD_TXSZ_MAX:
+        epd = (CD.EPD0.test(w0), CD.EPD1.test(w0))
+        for sz, disabled in zip(tsz, epd, strict=True):
+            # A half disabled by EPDx never walks, so its TxSZ is not checked (Linux leaves T1SZ 0).
+            if not disabled and not CD_TXSZ_MIN <= sz <= CD_TXSZ_MAX:
                 raise _Fault(
                     EventId.C_BAD_CD, f"CD TxSZ {sz} outside [{CD_TXSZ_MIN}, {CD_TXSZ_MAX}]"
                 )
         tg0, tg1 = CD.TG0.get(w0), CD.TG1.get(w0)
-        if tg0 not in TG0_PAGE_SHIFT or tg1 not in TG1_PAGE_SHIFT:
+        if (not epd[0] and tg0 not in TG0_PAGE_SHIFT) or (not epd[1] and tg1 not in TG1_PAGE_SHIFT):
             raise _Fault(EventId.C_BAD_CD, f"CD TG0 {tg0} / TG1 {tg1} reserved")
         ips = CD.IPS.get(w0)
         if ips not in IPS_BITS:
@@ -360,8 +362,11 @@ class PhysicalSmmu:
             asid=CD.ASID.get(w0),
             ttb=(CD.TTB0.get(words[1]), CD.TTB1.get(words[2])),
             tsz=tsz,
-            shift=(TG0_PAGE_SHIFT[tg0], TG1_PAGE_SHIFT[tg1]),
-            epd=(CD.EPD0.test(w0), CD.EPD1.test(w0)),
+            shift=(
+                TG0_PAGE_SHIFT.get(tg0, TLB_PAGE_SHIFT),
+                TG1_PAGE_SHIFT.get(tg1, TLB_PAGE_SHIFT),
+            ),
+            epd=epd,
             oa_bits=IPS_BITS[ips],
         )
 
@@ -369,10 +374,12 @@ class PhysicalSmmu:
         self, ioas: SimIoas, cd: CdConfig, iova: int, write: bool
     ) -> tuple[int, int, int, bool]:
         """Walk stage 1: return (leaf VA base, leaf size, output IPA, writable)."""
-        if iova >> (VA_BITS - cd.tsz[0]) == 0:
+        if not cd.epd[0] and iova >> (VA_BITS - cd.tsz[0]) == 0:
             half = 0
-        elif iova >> (VA_BITS - cd.tsz[1]) == (1 << cd.tsz[1]) - 1:
+        elif not cd.epd[1] and iova >> (VA_BITS - cd.tsz[1]) == (1 << cd.tsz[1]) - 1:
             half = 1
+        elif iova >> (VA_BITS - max(cd.tsz[0], CD_TXSZ_MIN)) == 0:
+            half = 0
         else:
             raise _Fault(EventId.F_TRANSLATION, f"VA {iova:#x} in neither TTB0 nor TTB1 range",
                          event_class=int(EventClass.IN), input_addr=iova)

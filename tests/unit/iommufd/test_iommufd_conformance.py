@@ -322,7 +322,9 @@ VSTE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("ste", "err"), [c[1:] for c in VSTE_CASES], ids=[c[0] for c in VSTE_CASES])
+@pytest.mark.parametrize(
+    ("ste", "err"), [c[1:] for c in VSTE_CASES], ids=[c[0] for c in VSTE_CASES]
+)
 def test_vste_validation(env: Env, ste: tuple[int, int], err: int) -> None:
     n = nest(env)
     if err:
@@ -489,7 +491,10 @@ ALLOWED = [
 ]
 
 
-@pytest.mark.parametrize("entry", ALLOWED, ids=[CmdOpcode(CMD.OPCODE.get(c[0])).name for c in ALLOWED])
+ALLOWED_IDS = [CmdOpcode(CMD.OPCODE.get(c[0])).name for c in ALLOWED]
+
+
+@pytest.mark.parametrize("entry", ALLOWED, ids=ALLOWED_IDS)
 def test_allowed_invalidation_is_handled(env: Env, entry: tuple[int, int]) -> None:
     n = nest(env)
     env.be.vdevice_alloc(n.viommu, n.dev, 0x10)
@@ -509,7 +514,8 @@ def test_refused_opcode_is_eio_at_its_index(env: Env, opcode: CmdOpcode) -> None
 
 def test_cfgi_cd_for_unknown_vsid_is_eio(env: Env) -> None:
     n = nest(env)
-    exc = expect(errno.EIO, lambda: env.be.hwpt_invalidate(n.viommu, [cmd(CmdOpcode.CFGI_CD, SID=9)]))
+    entries = [cmd(CmdOpcode.CFGI_CD, SID=9)]
+    exc = expect(errno.EIO, lambda: env.be.hwpt_invalidate(n.viommu, entries))
     assert exc.handled == 0
 
 

@@ -1,0 +1,283 @@
+"""The sim's physical SMMU: nested walks, faults and their events, IOTLB staleness."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vsmmu.arch.cd import CD, Tg0
+from vsmmu.arch.commands import CMD, CmdOpcode, TlbiTg
+from vsmmu.arch.events import EventClass, EventId, decode_event
+from vsmmu.arch.ste import STE, SteConfig
+from vsmmu.iommufd import uapi, walk
+from vsmmu.iommufd.backend import HostMapping
+from vsmmu.iommufd.sim import SimIommufd
+from vsmmu.iommufd.walk import DmaFault
+
+RAM_IPA = 0x4000_0000
+RAM_SIZE = 8 << 20
+VSID = 0x21
+PSID = 0x1000
+ASID = 7
+IPS_48 = 5
+T0SZ_48 = 16
+LEAF = walk.DESC_VALID | walk.DESC_AF | walk.DESC_AP_UNPRIV
+
+
+class Guest:
+    """A nested setup with guest RAM the tests write tables into."""
+
+    def __init__(self, tg0: int = Tg0.GRANULE_4K) -> None:
+        self.sim = SimIommufd()
+        self.ram = bytearray(RAM_SIZE)
+        self.dev = self.sim.create_mock_device(PSID)
+        ioas = self.sim.ioas_alloc()
+        self.sim.ioas_map(ioas, HostMapping(self.ram), iova=RAM_IPA)
+        s2 = self.sim.hwpt_alloc(self.dev, ioas, flags=uapi.HwptAllocFlags.NEST_PARENT)
+        self.viommu = self.sim.viommu_alloc(self.dev, s2)
+        self.sim.vdevice_alloc(self.viommu, self.dev, VSID)
+        self.q = self.sim.veventq_alloc(self.viommu, 16)
+        self.cd_ipa = RAM_IPA
+        self.ttb = RAM_IPA + 0x10000
+        w0 = CD.V.put(0, 1)
+        w0 = CD.AA64.put(w0, 1)
+        w0 = CD.T0SZ.put(w0, T0SZ_48)
+        w0 = CD.TG0.put(w0, tg0)
+        w0 = CD.EPD1.put(w0, 1)
+        w0 = CD.IPS.put(w0, IPS_48)
+        w0 = CD.ASID.put(w0, ASID)
+        self.put(self.cd_ipa, w0)
+        self.put(self.cd_ipa + 8, CD.TTB0.put(0, self.ttb))
+
+    def put(self, ipa: int, value: int) -> None:
+        off = ipa - RAM_IPA
+        self.ram[off : off + 8] = value.to_bytes(8, "little")
+
+    def attach(self, v: int = 1, cfg: int = SteConfig.S1_TRANS) -> None:
+        w0 = STE.V.put(0, v)
+        w0 = STE.CONFIG.put(w0, cfg)
+        w0 = STE.S1CONTEXTPTR.put(w0, self.cd_ipa)
+        hwpt = self.sim.hwpt_alloc(self.dev, self.viommu, data=(w0, 0))
+        self.sim.device_attach(self.dev, hwpt)
+
+    def events(self) -> list[tuple[int, object]]:
+        out = []
+        while True:
+            try:
+                rec = os.read(self.q.fd, 4096)
+            except BlockingIOError:
+                return out
+            out.append((int.from_bytes(rec[:4], "little"), decode_event(rec[8:])))
+
+    def tlbi(self, opcode: int, **fields: int) -> None:
+        w0, w1 = CMD.OPCODE.put(0, opcode), 0
+        for name, value in fields.items():
+            f = getattr(CMD, name)
+            if f.word == 0:
+                w0 = f.put(w0, value)
+            else:
+                w1 = f.put(w1, value)
+        assert self.sim.hwpt_invalidate(self.viommu, [(w0, w1)]) == 1
+
+
+def table(addr: int) -> int:
+    return addr | walk.DESC_VALID | walk.DESC_TABLE
+
+
+def build_4k(g: Guest, va: int, out: int) -> None:
+    """4-level 4K tables for ``va`` -> page ``out``; tables at ttb, +4K, +8K, +12K."""
+    tables = [g.ttb + i * 0x1000 for i in range(4)]
+    for level in range(3):
+        idx = (va >> (39 - 9 * level)) & 0x1FF
+        g.put(tables[level] + idx * 8, table(tables[level + 1]))
+    g.put(tables[3] + ((va >> 12) & 0x1FF) * 8, out | LEAF | walk.DESC_TABLE)
+
+
+def test_4k_four_level_page_translates() -> None:
+    g = Guest()
+    va, out = 0x12_3456_7000, RAM_IPA + 0x20_0000
+    build_4k(g, va, out)
+    g.attach()
+    g.ram[0x20_0010 : 0x20_0014] = b"ABCD"
+    assert g.sim.dma_read(g.dev, va + 0x10, 4) == b"ABCD"
+    g.sim.dma_write(g.dev, va + 0x20, b"xy")
+    assert g.ram[0x20_0020:0x20_0022] == b"xy"
+
+
+def test_4k_level2_block_translates() -> None:
+    g = Guest()
+    va = 0x8000_0000 + 0x20_0000  # a 2 MiB block at level 2
+    l1, l2 = g.ttb + 0x1000, g.ttb + 0x2000
+    g.put(g.ttb + ((va >> 39) & 0x1FF) * 8, table(l1))
+    g.put(l1 + ((va >> 30) & 0x1FF) * 8, table(l2))
+    g.put(l2 + ((va >> 21) & 0x1FF) * 8, (RAM_IPA + 0x40_0000) | LEAF)
+    g.attach()
+    g.ram[0x40_0000 + 0x1_2345] = 0x5A
+    assert g.sim.dma_read(g.dev, va + 0x1_2345, 1) == b"\x5a"
+
+
+def test_64k_three_level_page_and_block_translate() -> None:
+    g = Guest(Tg0.GRANULE_64K)
+    l2, l3 = g.ttb + 0x1_0000, g.ttb + 0x2_0000
+    page_va = 0x0000_0040_1234_0000
+    g.put(g.ttb + ((page_va >> 42) & 0x3F) * 8, table(l2))
+    g.put(l2 + ((page_va >> 29) & 0x1FFF) * 8, table(l3))
+    g.put(l3 + ((page_va >> 16) & 0x1FFF) * 8, (RAM_IPA + 0x50_0000) | LEAF | walk.DESC_TABLE)
+    block_va = (page_va & ~((1 << 29) - 1)) + (1 << 29)  # next level-2 entry: 512 MiB block
+    g.put(l2 + ((block_va >> 29) & 0x1FFF) * 8, RAM_IPA | LEAF)
+    g.attach()
+    g.ram[0x50_0000 + 0xFFFF] = 0x11
+    g.ram[0x7_0000] = 0x22
+    assert g.sim.dma_read(g.dev, page_va + 0xFFFF, 1) == b"\x11"
+    assert g.sim.dma_read(g.dev, block_va + 0x7_0000, 1) == b"\x22"
+
+
+def test_invalid_level2_descriptor_faults_with_f_translation_to_veventq() -> None:
+    g = Guest()
+    va = 0x12_3456_7000
+    g.put(g.ttb + ((va >> 39) & 0x1FF) * 8, table(g.ttb + 0x1000))
+    g.put(g.ttb + 0x1000 + ((va >> 30) & 0x1FF) * 8, table(g.ttb + 0x2000))
+    g.attach()
+    with pytest.raises(DmaFault) as info:
+        g.sim.dma_read(g.dev, va, 4)
+    assert info.value.delivered
+    assert "level 2" in str(info.value)
+    [(flags, ev)] = g.events()
+    assert flags == 0
+    assert ev.event_id == EventId.F_TRANSLATION
+    assert ev.sid == VSID
+    assert ev.fields["input_addr"] == va and ev.fields["rnw"] == 1
+    assert ev.fields["class"] == EventClass.IN and ev.fields["s2"] == 0
+
+
+def test_read_only_page_write_is_f_permission() -> None:
+    g = Guest()
+    va = 0x1000_0000
+    build_4k(g, va, RAM_IPA + 0x20_0000)
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8,
+          (RAM_IPA + 0x20_0000) | LEAF | walk.DESC_TABLE | walk.DESC_AP_RDONLY)
+    g.attach()
+    assert g.sim.dma_read(g.dev, va, 1) == b"\0"
+    with pytest.raises(DmaFault) as info:
+        g.sim.dma_write(g.dev, va, b"z")
+    assert info.value.event is not None and info.value.event.event_id == EventId.F_PERMISSION
+    assert info.value.event.fields["rnw"] == 0
+
+
+def test_output_beyond_ips_is_f_addr_size() -> None:
+    g = Guest()
+    va = 0x1000_0000
+    build_4k(g, va, 1 << 47)
+    g.put(g.cd_ipa, CD.IPS.put(int.from_bytes(g.ram[0:8], "little"), 0))  # 32-bit IPA
+    g.attach()
+    with pytest.raises(DmaFault) as info:
+        g.sim.dma_read(g.dev, va, 1)
+    assert info.value.event is not None and info.value.event.event_id == EventId.F_ADDR_SIZE
+
+
+def test_invalid_cd_is_c_bad_cd() -> None:
+    g = Guest()
+    g.put(g.cd_ipa, 0)
+    g.attach()
+    with pytest.raises(DmaFault):
+        g.sim.dma_read(g.dev, 0x1000, 1)
+    assert [ev.event_id for _, ev in g.events()] == [EventId.C_BAD_CD]
+
+
+def test_v0_vste_transaction_is_c_bad_ste_with_vsid() -> None:
+    g = Guest()
+    g.attach(v=0)
+    with pytest.raises(DmaFault):
+        g.sim.dma_read(g.dev, 0x1000, 1)
+    [(_, ev)] = g.events()
+    assert ev.event_id == EventId.C_BAD_STE and ev.sid == VSID
+
+
+def test_abort_vste_is_silent() -> None:
+    g = Guest()
+    g.attach(cfg=SteConfig.ABORT)
+    with pytest.raises(DmaFault) as info:
+        g.sim.dma_read(g.dev, 0x1000, 1)
+    assert info.value.event is None and g.events() == []
+
+
+def test_bypass_vste_uses_stage2_only() -> None:
+    g = Guest()
+    g.attach(cfg=SteConfig.BYPASS)
+    g.ram[0x1234] = 9
+    assert g.sim.dma_read(g.dev, RAM_IPA + 0x1234, 1) == b"\x09"
+
+
+def test_stage2_fault_is_a_host_event() -> None:
+    g = Guest()
+    g.attach(cfg=SteConfig.BYPASS)
+    with pytest.raises(DmaFault) as info:
+        g.sim.dma_read(g.dev, 0x10, 1)
+    assert not info.value.delivered and g.events() == []
+    assert g.sim.smmu.host_events[-1].fields["s2"] == 1
+
+
+def test_missing_tlbi_leaves_stale_translation_and_tlbi_removes_it() -> None:
+    g = Guest()
+    va = 0x1000_0000
+    build_4k(g, va, RAM_IPA + 0x20_0000)
+    g.ram[0x20_0000] = 1
+    g.ram[0x30_0000] = 2
+    g.attach()
+    assert g.sim.dma_read(g.dev, va, 1) == b"\x01"
+    # The guest remaps the page without invalidating: the IOTLB still holds the old one.
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | walk.DESC_TABLE)
+    assert g.sim.dma_read(g.dev, va, 1) == b"\x01"
+    g.tlbi(CmdOpcode.TLBI_NH_VA, ASID=ASID + 1, VA=va)  # wrong ASID: still stale
+    assert g.sim.dma_read(g.dev, va, 1) == b"\x01"
+    g.tlbi(CmdOpcode.TLBI_NH_VA, ASID=ASID, VA=va)
+    assert g.sim.dma_read(g.dev, va, 1) == b"\x02"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"opcode": CmdOpcode.TLBI_NSNH_ALL},
+        {"opcode": CmdOpcode.TLBI_NH_ASID, "ASID": ASID},
+        {"opcode": CmdOpcode.TLBI_NH_VAA, "VA": 0x1000_0000},
+        {"opcode": CmdOpcode.TLBI_NH_VA, "ASID": ASID, "VA": 0x0FFF_0000, "TG": TlbiTg.GRANULE_4K,
+         "NUM": 31},
+    ],
+    ids=["nsnh_all", "nh_asid", "nh_vaa", "nh_va_range"],
+)
+def test_each_tlbi_form_removes_the_stale_entry(fields: dict[str, int]) -> None:
+    g = Guest()
+    va = 0x1000_0000
+    build_4k(g, va, RAM_IPA + 0x20_0000)
+    g.ram[0x30_0000] = 2
+    g.attach()
+    g.sim.dma_read(g.dev, va, 1)
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | walk.DESC_TABLE)
+    opcode = fields.pop("opcode")
+    g.tlbi(opcode, **fields)
+    assert g.sim.dma_read(g.dev, va, 1) == b"\x02"
+
+
+def test_cd_is_cached_until_cfgi_cd() -> None:
+    g = Guest()
+    va = 0x1000_0000
+    build_4k(g, va, RAM_IPA + 0x20_0000)
+    g.attach()
+    g.sim.dma_read(g.dev, va, 1)
+    g.put(g.cd_ipa, 0)  # CD made invalid without CFGI_CD: still cached
+    g.tlbi(CmdOpcode.TLBI_NSNH_ALL)
+    g.sim.dma_read(g.dev, va, 1)
+    g.tlbi(CmdOpcode.CFGI_CD, SID=VSID)
+    with pytest.raises(DmaFault):
+        g.sim.dma_read(g.dev, va, 1)
+
+
+def test_hostile_tables_never_escape_as_raw_exceptions() -> None:
+    g = Guest()
+    for off in range(0x10000, 0x14000, 8):
+        g.put(RAM_IPA + off, 0xFFFF_FFFF_FFFF_FFFF)
+    g.attach()
+    for va in (0, 0x1000, 0xFFFF_FFFF_F000, 1 << 63):
+        with pytest.raises(DmaFault):
+            g.sim.dma_read(g.dev, va, 8)
