@@ -11,6 +11,7 @@ before :meth:`Session.handle` returns.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -54,6 +55,9 @@ class Session:
         self.client_max_fds = uapi.DEFAULT_MAX_FDS
         self.client_max_xfer = uapi.DEFAULT_MAX_XFER
         self.max_xfer = uapi.DEFAULT_MAX_XFER
+        #: Requests seen, by command name, plus ``"posted"`` for NO_REPLY ones
+        #: and ``"refused"`` for those answered (or dropped) with an error.
+        self.stats: collections.Counter[str] = collections.Counter()
 
     @property
     def max_message_size(self) -> int:
@@ -70,9 +74,13 @@ class Session:
             len(message.payload),
             len(message.fds),
         )
+        self.stats[message.command_name] += 1
+        if message.no_reply:
+            self.stats["posted"] += 1
         try:
             payload = self._dispatch(message)
         except CommandError as exc:
+            self.stats["refused"] += 1
             message.close()
             logger.warning(
                 "vfio-user %s refused (errno %d): %s", message.command_name, exc.errno, exc
