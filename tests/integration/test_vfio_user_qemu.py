@@ -9,6 +9,7 @@ fds the server can mmap.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -48,10 +49,8 @@ POSTED_WRITES = 40
 
 def vfio_user_device(path: str) -> str:
     """The ``-device`` argument (JSON form: QEMU rejects the dotted one for ``socket``)."""
-    return '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"},"addr":"%#x"}' % (
-        path,
-        SLOT,
-    )
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}}
+    return json.dumps({**device, "addr": f"{SLOT:#x}"})
 
 
 @pytest.fixture
