@@ -124,7 +124,7 @@ class ModuleTree:
             if key in visiting:
                 raise ModuleError(f"kernel module dependency cycle through {key!r}")
             visiting.add(key)
-            module = self.module(key)
+            module = self.module(name)
             for dep in module.depends:
                 visit(dep)
             visiting.discard(key)

@@ -1,0 +1,3 @@
+"""Shared pytest configuration: the harness fixtures (guest_env, boot_machine, ...)."""
+
+pytest_plugins = ["qmp_harness.fixtures"]
