@@ -3,15 +3,96 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
+from pathlib import Path
+
+from guest_images.debian import DebianArchiveError
+from guest_images.kernel import DEFAULT_SUITE, GuestImageError, ensure_guest, load_guest
+from qmp_harness.machine import BootError, Machine
+from qmp_harness.provision import ProvisionError, ensure_qemu, load_install
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path(".cache")
+MEMFD_BACKEND = "memory-backend-memfd"
+VFIO_USER_DEVICE = "vfio-user-pci"
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def doctor(cache: Path, suite: str) -> int:
+    """Print what this machine offers vsmmu; return 0 when everything needed is there."""
+    cache = cache.resolve()
+    print(f"cache:                {cache}")
+    install = load_install(cache)
+    if install is None:
+        print("QEMU:                 not provisioned (run `make setup`)")
+        ok = False
+    else:
+        devices = install.device_help()
+        objects = install.object_help()
+        has_vfio_user = f'name "{VFIO_USER_DEVICE}"' in devices
+        has_memfd = MEMFD_BACKEND in objects.split()
+        print(f"QEMU:                 {install.version} ({install.suite}, {install.prefix})")
+        print(f"  {VFIO_USER_DEVICE}:      {_mark(has_vfio_user)}")
+        print(f"  {MEMFD_BACKEND}: {_mark(has_memfd)}")
+        ok = has_vfio_user and has_memfd
+    guest = load_guest(cache, suite)
+    if guest is None:
+        print(f"guest kernel:         not provisioned for {suite} (run `make setup`)")
+        ok = False
+    else:
+        print(f"guest kernel:         {guest.release} ({suite}, {guest.image})")
+    print(f"/dev/kvm:             {_mark(Path('/dev/kvm').exists())} (not required; TCG is used)")
+    return 0 if ok else 1
+
+
+async def _demo(cache: Path, suite: str) -> int:
+    # Imported here: the fixtures module imports pytest, which a plain CLI run
+    # should not need until it boots something.
+    from qmp_harness.fixtures import provision_environment
+
+    env = provision_environment(cache.resolve(), suite)
+    async with Machine(env.qemu, env.machine_config(), name="demo") as vm:
+        await vm.boot()
+        output, status = await vm.console.run("uname -r")
+        if status != 0:
+            print(f"demo: uname -r failed in the guest with status {status}", file=sys.stderr)
+            return 1
+        qemu = await vm.execute("query-version")
+        q = qemu["qemu"]
+        print(f"guest kernel: {output.strip()}")
+        print(f"QEMU: {q['major']}.{q['minor']}.{q['micro']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen sub-command; return the exit status."""
     parser = argparse.ArgumentParser(prog="vsmmu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="print what this machine offers vsmmu")
+    for name, text in (
+        ("doctor", "print what this machine offers vsmmu"),
+        ("demo", "boot the guest and print its kernel and the QEMU version"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+        cmd.add_argument("--suite", default=DEFAULT_SUITE, help="Debian suite of the guest kernel")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        if args.command == "doctor":
+            return doctor(args.cache, args.suite)
+        if args.command == "demo":
+            ensure_qemu(args.cache, quiet=True)
+            ensure_guest(args.cache, args.suite, quiet=True)
+            return asyncio.run(_demo(args.cache, args.suite))
+    except (ProvisionError, GuestImageError, DebianArchiveError, BootError) as exc:
+        print(f"vsmmu {args.command}: {exc}", file=sys.stderr)
+        return 1
     print(f"vsmmu: {args.command} is not implemented yet", file=sys.stderr)
     return 2
 
