@@ -319,11 +319,13 @@ class Session:
                 raise CommandError(
                     errno.EIO, f"BAR{region} read handler gave {len(data)} bytes, not {count}"
                 )
-        trace.debug("region %d read %#x/%d -> %s", region, offset, count, data.hex())
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug("region %d read %#x/%d -> %s", region, offset, count, data.hex())
         return data
 
     def _write(self, region: int, offset: int, data: bytes) -> None:
-        trace.debug("region %d write %#x/%d <- %s", region, offset, len(data), data.hex())
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug("region %d write %#x/%d <- %s", region, offset, len(data), data.hex())
         if region == uapi.PciRegion.CONFIG:
             self.device.config.write(offset, data)
         else:
