@@ -68,7 +68,7 @@ class ScratchDevice:
     def read(self, offset: int, size: int) -> int:
         """BAR0 read handler."""
         register = offset - offset % _REGISTER_BYTES
-        values = {
+        values: dict[int, int] = {
             SampleReg.SCRATCH: self.scratch,
             SampleReg.WRITE_COUNT: self.write_count,
             SampleReg.IRQ: int(self.pci.intx.asserted),
