@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
-from typing import Final
+from typing import Final, TypeVar
 
 # --- ioctl number encoding (asm-generic/ioctl.h; _IO has no size or direction) ---
 
@@ -221,6 +221,9 @@ s32 = ctypes.c_int32
 u64 = ctypes.c_uint64
 
 
+_S = TypeVar("_S", bound="UapiStruct")
+
+
 class UapiStruct(ctypes.Structure):
     """Base of every uAPI structure: little helpers for bytes conversion."""
 
@@ -231,7 +234,7 @@ class UapiStruct(ctypes.Structure):
         return ctypes.string_at(ctypes.addressof(self), ctypes.sizeof(self))
 
     @classmethod
-    def sized(cls) -> UapiStruct:
+    def sized(cls: type[_S]) -> _S:
         """Return a zeroed instance whose first u32 (size/argsz) is filled in."""
         inst = cls()
         ctypes.c_uint32.from_buffer(inst).value = ctypes.sizeof(cls)
@@ -509,3 +512,43 @@ U64_MAX: Final = (1 << 64) - 1
 ULONG_MAX: Final = U64_MAX
 """``virt_id`` indexes a kernel xarray: anything above ULONG_MAX is EINVAL (64-bit host)."""
 IOMMU_NO_PASID: Final = 0
+
+
+def offsetofend(struct: type[UapiStruct], member: str) -> int:
+    """``offsetofend(struct, member)``: the first byte after ``member``."""
+    descriptor = getattr(struct, member)
+    return int(descriptor.offset + descriptor.size)
+
+
+IOCTL_STRUCTS: Final[dict[Ioctl, tuple[type[UapiStruct], int]]] = {
+    # iommufd_ioctl_ops[] in drivers/iommu/iommufd/main.c: the structure and its
+    # min_size (offsetofend of the last member of the first version).
+    Ioctl.IOMMU_DESTROY: (IommuDestroy, offsetofend(IommuDestroy, "id")),
+    Ioctl.IOMMU_IOAS_ALLOC: (IommuIoasAlloc, offsetofend(IommuIoasAlloc, "out_ioas_id")),
+    Ioctl.IOMMU_IOAS_IOVA_RANGES: (
+        IommuIoasIovaRanges,
+        offsetofend(IommuIoasIovaRanges, "out_iova_alignment"),
+    ),
+    Ioctl.IOMMU_IOAS_MAP: (IommuIoasMap, offsetofend(IommuIoasMap, "iova")),
+    Ioctl.IOMMU_IOAS_UNMAP: (IommuIoasUnmap, offsetofend(IommuIoasUnmap, "length")),
+    Ioctl.IOMMU_HWPT_ALLOC: (IommuHwptAlloc, HWPT_ALLOC_MIN_SIZE),
+    Ioctl.IOMMU_GET_HW_INFO: (IommuHwInfo, offsetofend(IommuHwInfo, "reserved")),
+    Ioctl.IOMMU_HWPT_INVALIDATE: (
+        IommuHwptInvalidate,
+        offsetofend(IommuHwptInvalidate, "reserved"),
+    ),
+    Ioctl.IOMMU_VIOMMU_ALLOC: (IommuViommuAlloc, offsetofend(IommuViommuAlloc, "out_viommu_id")),
+    Ioctl.IOMMU_VDEVICE_ALLOC: (IommuVdeviceAlloc, offsetofend(IommuVdeviceAlloc, "virt_id")),
+    Ioctl.IOMMU_VEVENTQ_ALLOC: (
+        IommuVeventqAlloc,
+        offsetofend(IommuVeventqAlloc, "out_veventq_fd"),
+    ),
+}
+"""/dev/iommu ioctl → (its structure, the kernel's min_size for the leading ``size``)."""
+
+IOC_NRMASK: Final = (1 << IOC_NRBITS) - 1
+
+
+def ioc_nr(request: int) -> int:
+    """``_IOC_NR(request)``: the command number of an ioctl request."""
+    return request & IOC_NRMASK
