@@ -185,3 +185,12 @@ class L1Cd:
     def encode(self) -> bytes:
         """Encode to 8 little-endian bytes."""
         return L1CD.LAYOUT.encode(dataclasses.asdict(self))
+
+
+ASID8_LIMIT = 1 << 8
+"""First ASID that needs IDR0.ASID16."""
+
+
+def cd_split_index(ssid: int, leaf_bits: int) -> tuple[int, int]:
+    """A SubstreamID's (level-1 index, leaf index) in a 2-level CD table (IHI 0070 §3.4)."""
+    return ssid >> leaf_bits, ssid & ((1 << leaf_bits) - 1)

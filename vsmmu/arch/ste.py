@@ -227,3 +227,18 @@ class L1Std:
     def encode(self) -> bytes:
         """Encode to 8 little-endian bytes."""
         return L1STD.LAYOUT.encode(dataclasses.asdict(self))
+
+
+def strtab_split_index(sid: int, split: int) -> tuple[int, int]:
+    """A StreamID's (level-1 index, level-2 index) in a 2-level stream table (IHI 0070 §3.3.2)."""
+    return sid >> split, sid & ((1 << split) - 1)
+
+
+def l2_span_holds(span: int, l2_index: int) -> bool:
+    """Whether a level-2 table of Span ``span`` (``2**(span-1)`` STEs) holds ``l2_index``."""
+    return span > 0 and not l2_index >> (span - 1)
+
+
+def id_fits(value: int, bits: int) -> bool:
+    """Whether a StreamID/SubstreamID ``value`` is representable in ``bits`` bits."""
+    return value >= 0 and not value >> bits

@@ -80,6 +80,7 @@ from vsmmu.arch.registers import (
     QueueIndex,
     Reg,
 )
+from vsmmu.arch.ste import id_fits
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import (
     ConfigSink,
@@ -525,7 +526,7 @@ class SmmuV3:
             return CError.NONE
         if kind == _CFGI_STE:
             sid = CMD.SID.get(dw0)
-            if sid >> self.features.sidsize:
+            if not id_fits(sid, self.features.sidsize):
                 return CError.NONE
             return CError.NONE if self.sink.ste_changed(sid, sid) else CError.ILL
         if kind == _CFGI_STE_RANGE:
@@ -597,7 +598,7 @@ class SmmuV3:
 
     def lookup_ste(self, sid: int) -> SteLookup:
         """Fetch and classify the guest STE of ``sid`` under the current STRTAB registers."""
-        if sid < 0 or sid >> self.features.sidsize:
+        if not id_fits(sid, self.features.sidsize):
             return SteLookup(sid, SteStatus.BAD_STREAMID,
                              reason=f"SID {sid:#x} >= 2**SIDSIZE={self.features.sidsize}")
         return lookup_ste(self.memory, self.features, self.stream_table(), sid)

@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 LINUX_MIN_CMDQS = 7
 """Linux's arm-smmu-v3 rejects CMDQS <= log2(64) (DESIGN.md §8)."""
-ARCH_MAJOR = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +96,3 @@ class SmmuFeatures:
         return {Reg.IDR0: idr0, Reg.IDR1: idr1, Reg.IDR2: 0, Reg.IDR3: idr3, Reg.IDR4: 0,
                 Reg.IDR5: idr5, Reg.IIDR: 0, Reg.AIDR: aidr}
 
-
-def aidr_major(aidr: int) -> int:
-    """SMMU architecture major revision encoded in AIDR (0 means SMMUv3)."""
-    return AIDR.ARCH_MAJOR_REV.get(aidr) + ARCH_MAJOR

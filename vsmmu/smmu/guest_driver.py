@@ -39,7 +39,7 @@ from vsmmu.arch.registers import (
     TtEndian,
     Ttf,
 )
-from vsmmu.arch.ste import L1_STD_SIZE, STE_SIZE, L1Std, Ste
+from vsmmu.arch.ste import L1_STD_SIZE, STE_SIZE, L1Std, Ste, strtab_split_index
 from vsmmu.smmu.device import SmmuV3
 from vsmmu.smmu.interfaces import GuestRam, SmmuError
 
@@ -229,7 +229,7 @@ class GuestDriver:
 
     def ste_address(self, sid: int) -> int:
         """GPA of the STE of ``sid``, allocating its level-2 table (Span=SPLIT+1)."""
-        l1_index = sid >> LINUX_STRTAB_SPLIT
+        l1_index, l2_index = strtab_split_index(sid, LINUX_STRTAB_SPLIT)
         table = self._l2_tables.get(l1_index)
         if table is None:
             table = self._l2_next
@@ -237,7 +237,7 @@ class GuestDriver:
             self._l2_tables[l1_index] = table
             self.ram.write(self.strtab_base + l1_index * L1_STD_SIZE,
                            L1Std(span=LINUX_STRTAB_SPLIT + 1, l2ptr=table).encode())
-        return table + (sid & ((1 << LINUX_STRTAB_SPLIT) - 1)) * STE_SIZE
+        return table + l2_index * STE_SIZE
 
     def write_ste(self, sid: int, ste: Ste) -> None:
         """Write the STE of ``sid`` and issue CMD_CFGI_STE + CMD_SYNC."""

@@ -34,6 +34,7 @@ import enum
 import logging
 
 from vsmmu.arch.cd import (
+    ASID8_LIMIT,
     CD_L2_4K_INDEX_BITS,
     CD_L2_64K_INDEX_BITS,
     CD_SIZE,
@@ -44,6 +45,7 @@ from vsmmu.arch.cd import (
     TG1_PAGE_SHIFT,
     Cd,
     L1Cd,
+    cd_split_index,
 )
 from vsmmu.arch.events import EVT, Event, EventId
 from vsmmu.arch.registers import StrtabFmt
@@ -56,14 +58,14 @@ from vsmmu.arch.ste import (
     Ste,
     SteConfig,
     Strw,
+    id_fits,
+    l2_span_holds,
+    strtab_split_index,
 )
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import GuestMemory, GuestMemoryError, StreamTableConfig
 
 logger = logging.getLogger(__name__)
-
-ASID8_LIMIT = 1 << 8
-
 
 class SteStatus(enum.Enum):
     """Outcome of looking up the STE of a StreamID."""
@@ -159,20 +161,20 @@ def stream_table_config(features: SmmuFeatures, base: int, fmt: int, log2size: i
 def lookup_ste(memory: GuestMemory, features: SmmuFeatures, table: StreamTableConfig,
                sid: int) -> SteLookup:
     """Find, fetch and classify the STE of ``sid``; never raises for guest data."""
-    if sid < 0 or sid >> table.log2size:
+    if not id_fits(sid, table.log2size):
         return SteLookup(sid, SteStatus.BAD_STREAMID,
                          reason=f"SID {sid:#x} >= 2**{table.log2size} stream table entries")
     if table.fmt == StrtabFmt.TWO_LEVEL:
-        l1_address = table.base + (sid >> table.split) * L1_STD_SIZE
+        l1_index, l2_index = strtab_split_index(sid, table.split)
+        l1_address = table.base + l1_index * L1_STD_SIZE
         try:
             l1 = L1Std.decode(memory.read(l1_address, L1_STD_SIZE))
         except GuestMemoryError as exc:
             return SteLookup(sid, SteStatus.FETCH_ABORT, address=l1_address, reason=str(exc))
-        l2_index = sid & ((1 << table.split) - 1)
         if l1.span == 0 or l1.span > table.split + 1:
             return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
                              reason=f"level-1 Span={l1.span} (valid 1..{table.split + 1})")
-        if l2_index >> (l1.span - 1):
+        if not l2_span_holds(l1.span, l2_index):
             return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
                              reason=f"SID {sid:#x} beyond level-1 Span={l1.span}")
         address = l1.l2ptr + l2_index * STE_SIZE
@@ -205,7 +207,7 @@ def ste_illegal_reason(ste: Ste, features: SmmuFeatures) -> str | None:
                 return f"STE.S1Fmt={ste.s1fmt} is reserved"
             if ste.s1fmt != S1Fmt.LINEAR and not features.cd2l:
                 return f"STE.S1Fmt={S1Fmt(ste.s1fmt).name} without IDR0.CD2L"
-        if ste.s1_context_ptr >> features.oas_bits:
+        if not id_fits(ste.s1_context_ptr, features.oas_bits):
             return (f"STE.S1ContextPtr={ste.s1_context_ptr:#x} beyond the "
                     f"{features.oas_bits}-bit OAS")
         if ste.strw != Strw.NSEL1:
@@ -225,7 +227,7 @@ def lookup_cd(memory: GuestMemory, features: SmmuFeatures, lookup: SteLookup,
     sid = lookup.sid
     if lookup.status is not SteStatus.VALID or ste is None or ste.config != SteConfig.S1_TRANS:
         return CdLookup(sid, ssid, CdStatus.NO_STAGE1, reason=f"STE is {lookup.status.value}")
-    if ssid < 0 or ssid >> ste.s1cdmax:
+    if not id_fits(ssid, ste.s1cdmax):
         return CdLookup(sid, ssid, CdStatus.BAD_SUBSTREAMID,
                         reason=f"SSID {ssid:#x} >= 2**S1CDMax={ste.s1cdmax}")
     base = ste.s1_context_ptr
@@ -233,7 +235,8 @@ def lookup_cd(memory: GuestMemory, features: SmmuFeatures, lookup: SteLookup,
         address = base + ssid * CD_SIZE
     else:
         bits = CD_L2_4K_INDEX_BITS if ste.s1fmt == S1Fmt.TWO_LEVEL_4K else CD_L2_64K_INDEX_BITS
-        l1_address = base + (ssid >> bits) * L1_CD_SIZE
+        l1_index, leaf_index = cd_split_index(ssid, bits)
+        l1_address = base + l1_index * L1_CD_SIZE
         try:
             l1 = L1Cd.decode(memory.read(l1_address, L1_CD_SIZE))
         except GuestMemoryError as exc:
@@ -241,7 +244,7 @@ def lookup_cd(memory: GuestMemory, features: SmmuFeatures, lookup: SteLookup,
         if not l1.v:
             return CdLookup(sid, ssid, CdStatus.BAD_SUBSTREAMID, address=l1_address,
                             reason="level-1 CD descriptor V=0")
-        address = l1.l2ptr + (ssid & ((1 << bits) - 1)) * CD_SIZE
+        address = l1.l2ptr + leaf_index * CD_SIZE
     try:
         cd = Cd.decode(memory.read(address, CD_SIZE))
     except GuestMemoryError as exc:

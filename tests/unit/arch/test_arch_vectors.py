@@ -252,3 +252,16 @@ def test_command_decode_encode_is_stable(dw0: int, dw1: int) -> None:
     if cmd.name.startswith("UNKNOWN"):
         return
     assert decode_command(cmd.encode()) == cmd
+
+
+def test_table_index_helpers_ihi0070_3_3() -> None:
+    from vsmmu.arch.cd import cd_split_index
+    from vsmmu.arch.ste import id_fits, l2_span_holds, strtab_split_index
+
+    # SPLIT=8: SID 0x1234 -> level-1 descriptor 0x12, STE 0x34 of its level-2 table.
+    assert strtab_split_index(0x1234, 8) == (0x12, 0x34)
+    # Span=3 holds 2**(3-1) = 4 STEs; Span=0 holds none.
+    assert l2_span_holds(3, 3) and not l2_span_holds(3, 4) and not l2_span_holds(0, 0)
+    # 2-level 4K CD table: 64 CDs per leaf.
+    assert cd_split_index(64 + 5, 6) == (1, 5)
+    assert id_fits(0xFFFF, 16) and not id_fits(0x10000, 16) and not id_fits(-1, 16)
