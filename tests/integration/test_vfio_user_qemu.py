@@ -9,6 +9,7 @@ fds the server can mmap.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import tempfile
@@ -19,12 +20,14 @@ import pytest
 
 from qmp_harness.fixtures import (  # noqa: F401 - pytest fixtures used by name
     BootMachine,
+    GuestEnvironment,
     boot_machine,
     guest_env,
     vsmmu_cache,
 )
 from qmp_harness.machine import DEFAULT_APPEND, DEFAULT_MEMORY_MIB, Machine
 from vsmmu.vfio_user import uapi
+from vsmmu.vfio_user.dma import DmaError
 from vsmmu.vfio_user.sample import (
     SAMPLE_BAR_SIZE,
     SAMPLE_IDENTITY,
@@ -178,3 +181,49 @@ async def test_guest_devmem_drives_device(
 
     assert "unexpected reply" not in vm.stderr_text()
     assert session_of(server).stats["refused"] == 0, session_of(server).stats
+
+
+class PrivateRamMachine(Machine):
+    """A machine whose RAM is anonymous (no fd): DMA_MAP then carries no fd."""
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        backend = next(n for n, arg in enumerate(argv) if arg.startswith("memory-backend-memfd"))
+        argv[backend] = f"memory-backend-ram,id=mem,size={self.config.memory_mib}M"
+        return argv
+
+
+@pytest.mark.e2e
+async def test_message_dma_against_qemu_layout(
+    guest_env: GuestEnvironment,  # noqa: F811
+    sample_server: tuple[ScratchDevice, VfioUserServer],
+    socket_path: str,
+) -> None:
+    """Without fd-backed RAM the server reaches guest memory by DMA_READ/DMA_WRITE
+    messages in QEMU's layout; QEMU refuses them while bus mastering is off."""
+    sample, server = sample_server
+    config = guest_env.machine_config(
+        devices=[vfio_user_device(socket_path)], append=f"{DEFAULT_APPEND} mem={GUEST_MEM_MIB}M"
+    )
+    async with PrivateRamMachine(guest_env.qemu, config, name="vfu-noram") as vm:
+        await vm.start()
+        await vm.wait_ready()
+        ram = sample.pci.dma.find(GUEST_RAM_BASE, DEFAULT_MEMORY_MIB * MIB)
+        assert ram.memory is None, "RAM unexpectedly arrived with an fd"
+        with pytest.raises(DmaError, match=f"errno {errno.ENODEV}"):
+            await server.dma_read(SPARE_GPA, 4)  # bus master is off
+        bdf = f"0000:00:{SLOT:02x}.0"
+        command = uapi.PCI_COMMAND_MEMORY | uapi.PCI_COMMAND_MASTER
+        output, status = await vm.console.run(
+            f"printf '\\{command:03o}' | dd of=/sys/bus/pci/devices/{bdf}/config "
+            f"bs=1 seek={uapi.PCI_COMMAND} conv=notrunc"
+        )
+        assert status == 0, output
+        output, status = await vm.console.run(
+            f"devmem {SPARE_GPA:#x} 32 {PATTERN:#x}; devmem {SPARE_GPA:#x} 32"
+        )
+        assert status == 0 and int(output.strip(), 16) == PATTERN, output
+        assert await server.dma_read(SPARE_GPA, 4) == PATTERN.to_bytes(4, "little")
+        await server.dma_write(SPARE_GPA + 8, b"\x11\x22\x33\x44")
+        output, status = await vm.console.run(f"devmem {SPARE_GPA + 8:#x} 32")
+        assert int(output.strip(), 16) == 0x4433_2211

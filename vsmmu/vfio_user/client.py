@@ -138,11 +138,15 @@ class VfioUserClient:
         """Answer DMA_READ/DMA_WRITE the way QEMU 11.1 does."""
         message.close()
         try:
+            if len(message.payload) < uapi.DMA_RW.size:
+                raise ValueError(f"{len(message.payload)}-byte payload, expected >= 16")
             gpa, count = uapi.DMA_RW.unpack_from(message.payload)
             if message.command == uapi.Command.DMA_READ and self._dma_read is not None:
                 data = self._dma_read(gpa, count)
                 payload = uapi.DMA_RW.pack(gpa, count) + data
             elif message.command == uapi.Command.DMA_WRITE and self._dma_write is not None:
+                if count > len(message.payload) - uapi.DMA_RW.size:
+                    raise ValueError(f"DMA_WRITE count {count} exceeds the data")
                 self._dma_write(gpa, message.payload[uapi.DMA_RW.size :][:count])
                 payload = b""
             else:

@@ -17,7 +17,7 @@ import errno
 import logging
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.messages import CommandError, VfioUserError
@@ -76,7 +76,7 @@ class DmaMapTable:
     def __len__(self) -> int:
         return len(self._mappings)
 
-    def __iter__(self) -> object:
+    def __iter__(self) -> Iterator[DmaMapping]:
         return iter(list(self._mappings))
 
     @property

@@ -102,10 +102,9 @@ class Connection:
         step = self.session.client_max_xfer
         for offset in range(0, size, step):
             count = min(step, size - offset)
-            reply = await self._request(
-                uapi.Command.DMA_READ, uapi.DMA_RW.pack(gpa + offset, count)
-            )
-            data = reply.payload[uapi.DMA_RW.size :]
+            request = uapi.DMA_RW.pack(gpa + offset, count)
+            reply = await self._request(uapi.Command.DMA_READ, request)
+            data = reply.payload[uapi.DMA_RW.size : uapi.DMA_RW.size + count]
             if len(data) != count:
                 raise DmaError(f"DMA_READ gpa={gpa + offset:#x}: {len(data)} of {count} bytes")
             chunks.append(data)
@@ -119,9 +118,8 @@ class Connection:
         step = self.session.client_max_xfer
         for offset in range(0, len(data), step):
             chunk = data[offset : offset + step]
-            await self._request(
-                uapi.Command.DMA_WRITE, uapi.DMA_RW.pack(gpa + offset, len(chunk)) + chunk
-            )
+            request = uapi.DMA_RW.pack(gpa + offset, len(chunk)) + chunk
+            await self._request(uapi.Command.DMA_WRITE, request)
 
 
 class VfioUserServer:

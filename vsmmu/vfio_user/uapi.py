@@ -130,13 +130,17 @@ WRITE_MULTI_ONE: Final = struct.Struct("<QII8s")
 WRITE_MULTI_DATA: Final = 8
 WRITE_MULTI_MAX: Final = 200
 
-# DMA_READ / DMA_WRITE as QEMU 11.1's client parses them (hw/vfio-user/pci.c,
-# VFIOUserDMARW): u64 offset (the guest address), **u32** count, data at byte
-# 28 of the message.  The spec (vfio-user.rst) instead gives u64 address,
-# u64 count, data at byte 32; QEMU is the peer we must interoperate with.
-# A DMA_READ reply repeats offset and count before the data; a DMA_WRITE reply
-# is a bare header.
-DMA_RW: Final = struct.Struct("<QI")
+# DMA_READ / DMA_WRITE (server -> client): u64 address, u64 count, data at
+# byte 32 -- the layout of the spec (vfio-user.rst).  QEMU's source declares
+# VFIOUserDMARW as u64 offset, u32 count, char data[] (data at 28), but the
+# C struct is padded to 32 bytes, sizes are checked against sizeof() (a
+# request under 32 bytes gets EINVAL), and the running QEMU 11.1.3 put the
+# data of a DMA_READ reply at byte 32 (measured by
+# tests/integration/test_vfio_user_qemu.py).  A u64 count below 2**32 reads
+# the same as QEMU's u32 count followed by zero padding, so this layout
+# serves both readings.  A DMA_READ reply repeats address and count before
+# the data; a DMA_WRITE reply is a bare header.
+DMA_RW: Final = struct.Struct("<QQ")
 
 
 class PciRegion(enum.IntEnum):
