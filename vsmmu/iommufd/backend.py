@@ -68,12 +68,12 @@ class HostMapping:
     """Host memory the caller owns, to be mapped into an IOAS.
 
     ``buffer`` is a writable buffer (an :class:`mmap.mmap` of guest RAM, a
-    ``bytearray``); ``offset``/``length`` select a window of it (``length``
-    defaults to the rest).  The kernel backend passes :attr:`user_va`; the sim
-    reads and writes :meth:`view`.  The buffer must outlive the mapping.
+    ``bytearray``, a writable ``memoryview``); ``offset``/``length`` select a
+    window of it (``length`` defaults to the rest).  The kernel backend passes
+    :attr:`user_va`; the sim reads and writes :meth:`view`.  The buffer must outlive the mapping.
     """
 
-    buffer: mmap.mmap | bytearray
+    buffer: mmap.mmap | bytearray | memoryview
     offset: int = 0
     length: int = -1
     _view: memoryview | None = field(default=None, init=False, repr=False, compare=False)

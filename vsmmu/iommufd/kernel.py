@@ -26,7 +26,7 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vsmmu.iommufd import uapi
@@ -50,8 +50,11 @@ DEV_IOMMU = "/dev/iommu"
 IOVA_RANGES_FIRST_GUESS = 8
 """Ranges allowed for in the first IOAS_IOVA_RANGES call (EMSGSIZE tells the real count)."""
 
-ioctl = fcntl.ioctl
-"""The ioctl function used for every request (tests replace it with a recorder)."""
+IoctlFn = Callable[[int, int, uapi.UapiStruct, bool], object]
+"""``fcntl.ioctl(fd, request, mutable_buffer, True)``'s shape."""
+
+ioctl: IoctlFn = fcntl.ioctl
+"""The ioctl function used by default for every request (tests replace it with a recorder)."""
 
 
 @dataclass
@@ -75,12 +78,17 @@ class KernelIommufd(IommufdBackend):
 
     ``fd``: use an already open iommufd (it is then owned by this backend and
     closed by :meth:`close`); otherwise ``path`` is opened read-write.
+    ``ioctl_fn`` replaces :func:`fcntl.ioctl` (e.g. to drive the sim's raw
+    ioctl path with exactly the structures this backend builds).
     Raises :class:`IommufdError` (op ``OPEN``) if the device cannot be opened.
     """
 
     name = "kernel"
 
-    def __init__(self, path: str = DEV_IOMMU, *, fd: int | None = None) -> None:
+    def __init__(
+        self, path: str = DEV_IOMMU, *, fd: int | None = None, ioctl_fn: IoctlFn | None = None
+    ) -> None:
+        self._ioctl_fn = ioctl_fn
         if fd is None:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -99,7 +107,7 @@ class KernelIommufd(IommufdBackend):
     def _call(self, fd: int, request: uapi.Ioctl, arg: uapi.UapiStruct, op: str) -> None:
         """Issue ``request`` with ``arg`` (mutated in place); OSError → IommufdError."""
         try:
-            ioctl(fd, request, arg, True)
+            (self._ioctl_fn or ioctl)(fd, request, arg, True)
         except OSError as exc:
             err = exc.errno if exc.errno is not None else errno.EIO
             message = f"{request.name} on fd {fd} with {self._describe(arg)}"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -51,16 +53,64 @@ def kernel_skip_reason() -> str | None:
 
 @dataclass
 class Env:
-    """A backend plus a way to create devices on it."""
+    """A backend, a way to create devices on it, and its raw /dev/iommu ioctl."""
 
     be: IommufdBackend
     new_device: Callable[[int], int]
+    raw: Callable[[int, bytearray], None]
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.be.close()
+        for close in self.closers:
+            close()
+
+
+class SimBehindIoctls:
+    """Plays the kernel under a KernelIommufd: /dev/iommu requests go to ``SimIommufd.ioctl``.
+
+    The VFIO cdev requests (bind, attach, detach) are not iommufd ioctls, so
+    they go to the sim's device methods; ``next_sid`` is the physical StreamID
+    of the next bound device.
+    """
+
+    def __init__(self, sim: SimIommufd) -> None:
+        self.sim = sim
+        self.devices: dict[int, int] = {}
+        self.next_sid = 0
+
+    def __call__(self, fd: int, request: int, arg: uapi.UapiStruct, mutate: bool) -> int:
+        assert mutate
+        if isinstance(arg, uapi.VfioDeviceBindIommufd):
+            arg.out_devid = self.devices[fd] = self.sim.create_mock_device(self.next_sid)
+        elif isinstance(arg, uapi.VfioDeviceAttachIommufdPt):
+            self.sim.device_attach(self.devices[fd], arg.pt_id)
+        elif isinstance(arg, uapi.VfioDeviceDetachIommufdPt):
+            self.sim.device_detach(self.devices[fd])
+        else:
+            buf = bytearray(arg.to_bytes())
+            try:
+                self.sim.ioctl(request, buf)
+            finally:
+                # fcntl.ioctl copies the buffer back before raising, and so do we.
+                ctypes.memmove(ctypes.addressof(arg), bytes(buf), len(buf))
+        return 0
 
 
 def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
     if kind == "sim":
         sim = SimIommufd(personality)
-        return Env(sim, lambda sid: sim.create_mock_device(sid))
+        return Env(sim, lambda sid: sim.create_mock_device(sid), sim.ioctl)
+    if kind == "sim-ioctl":
+        # The whole suite through the raw path: KernelIommufd's structures into SimIommufd.ioctl.
+        router = SimBehindIoctls(SimIommufd(personality))
+        via = KernelIommufd(fd=os.open(os.devnull, os.O_RDWR), ioctl_fn=router)
+
+        def bind(sid: int) -> int:
+            router.next_sid = sid
+            return via.bind_vfio_cdev(os.devnull)
+
+        return Env(via, bind, router.sim.ioctl, [router.sim.close])
     reason = kernel_skip_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -74,14 +124,17 @@ def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
             pytest.skip(f"${CDEVS_VAR}: this case needs more cdevs than were listed")
         return kern.bind_vfio_cdev(cdevs.pop(0))
 
-    return Env(kern, new_device)
+    def raw(request: int, buf: bytearray) -> None:
+        fcntl.ioctl(kern.fd, request, buf, True)
+
+    return Env(kern, new_device, raw)
 
 
-@pytest.fixture(params=["sim", "kernel"])
+@pytest.fixture(params=["sim", "sim-ioctl", "kernel"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     e = make_env(request.param)
     yield e
-    e.be.close()
+    e.close()
 
 
 def expect(err: int, fn: Callable[[], object]) -> IommufdError:
@@ -365,14 +418,14 @@ def test_vste_validation(env: Env, ste: tuple[int, int], err: int) -> None:
         assert env.be.hwpt_alloc(n.dev, n.viommu, data=ste) > n.viommu
 
 
-@pytest.mark.parametrize("kind", ["sim"])
+@pytest.mark.parametrize("kind", ["sim", "sim-ioctl"])
 def test_host_rejecting_ats_makes_eats_eio(kind: str) -> None:
     e = make_env(kind, HostPersonality(ats_in_nested=False))
     n = nest(e)
     expect(errno.EIO, lambda: e.be.hwpt_alloc(n.dev, n.viommu, data=vste(w1=STE.EATS.put(0, 1))))
 
 
-@pytest.mark.parametrize("kind", ["sim"])
+@pytest.mark.parametrize("kind", ["sim", "sim-ioctl"])
 def test_host_without_nesting_refuses_nest_parent(kind: str) -> None:
     e = make_env(kind, HostPersonality(nesting=False))
     dev = e.new_device(1)
@@ -412,7 +465,7 @@ def test_viommu_flags_are_eopnotsupp(env: Env) -> None:
     expect(errno.EOPNOTSUPP, lambda: env.be.viommu_alloc(n.dev, n.s2, flags=1))
 
 
-@pytest.mark.parametrize("kind", ["sim"])
+@pytest.mark.parametrize("kind", ["sim", "sim-ioctl"])
 def test_viommu_needs_canwbs_or_s2fwb(kind: str) -> None:
     e = make_env(kind, HostPersonality(canwbs=False, s2fwb=False))
     dev = e.new_device(1)
@@ -636,3 +689,113 @@ def test_hw_info_reports_arm_smmuv3(env: Env) -> None:
 def test_hw_info_unsupported_type_is_eopnotsupp(env: Env) -> None:
     dev = env.new_device(1)
     expect(errno.EOPNOTSUPP, lambda: env.be.hw_info(dev, uapi.HwInfoType.INTEL_VTD))
+
+
+# --- raw ioctl dispatch: the size rules of iommufd_fops_ioctl ---
+
+
+def expect_raw(err: int, env: Env, request: int, buf: bytearray) -> None:
+    with pytest.raises(OSError) as info:
+        env.raw(request, buf)
+    assert info.value.errno == err, str(info.value)
+
+
+def sized(cls: type[uapi.UapiStruct], size: int, **values: int) -> bytearray:
+    """A ``size``-byte user buffer holding ``cls`` with ``values`` and its size field."""
+    inst = cls(**values)
+    ctypes.c_uint32.from_buffer(inst).value = size
+    return bytearray(inst.to_bytes()[:size].ljust(size, b"\0"))
+
+
+MIN_SIZES = [(req, cls, min_size) for req, (cls, min_size) in uapi.IOCTL_STRUCTS.items()]
+
+
+@pytest.mark.parametrize(("request_", "cls", "min_size"), MIN_SIZES,
+                         ids=[r.name for r, _, _ in MIN_SIZES])
+def test_raw_size_below_minimum_is_einval(
+    env: Env, request_: uapi.Ioctl, cls: type[uapi.UapiStruct], min_size: int
+) -> None:
+    expect_raw(errno.EINVAL, env, request_, sized(cls, min_size - 1))
+
+
+def test_raw_larger_struct_with_nonzero_tail_is_e2big(env: Env) -> None:
+    size = ctypes.sizeof(uapi.IommuIoasAlloc)
+    buf = sized(uapi.IommuIoasAlloc, size + 8)
+    buf[size + 3] = 1
+    expect_raw(errno.E2BIG, env, uapi.Ioctl.IOMMU_IOAS_ALLOC, buf)
+    assert env.be.ioas_alloc() == 1, "the refused ioctl must not have allocated"
+
+
+def test_raw_larger_struct_with_zero_tail_is_accepted(env: Env) -> None:
+    size = ctypes.sizeof(uapi.IommuIoasAlloc)
+    buf = sized(uapi.IommuIoasAlloc, size + 8)
+    env.raw(uapi.Ioctl.IOMMU_IOAS_ALLOC, buf)
+    assert uapi.IommuIoasAlloc.from_buffer_copy(buf[:size]).out_ioas_id == 1
+    assert not any(buf[size:]), "nothing is written past the kernel's structure"
+
+
+def test_raw_first_version_hwpt_alloc_is_zero_extended(env: Env) -> None:
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    buf = sized(uapi.IommuHwptAlloc, uapi.HWPT_ALLOC_MIN_SIZE, dev_id=dev, pt_id=ioas,
+                flags=uapi.HwptAllocFlags.NEST_PARENT)
+    env.raw(uapi.Ioctl.IOMMU_HWPT_ALLOC, buf)
+    assert len(buf) == uapi.HWPT_ALLOC_MIN_SIZE
+    hwpt = int.from_bytes(buf[uapi.IommuHwptAlloc.out_hwpt_id.offset:][:4], "little")
+    assert hwpt > ioas
+    assert env.be.viommu_alloc(dev, hwpt) > hwpt, "the short HWPT_ALLOC made a nest parent"
+
+
+@pytest.mark.parametrize("request_", [uapi.io(uapi.IOMMUFD_TYPE, 0x7F),
+                                      uapi.io(uapi.IOMMUFD_TYPE, 0xFE)],
+                         ids=["below_base", "beyond_table"])
+def test_raw_unknown_ioctl_is_enotty(env: Env, request_: int) -> None:
+    expect_raw(errno.ENOTTY, env, request_, sized(uapi.IommuDestroy, 8))
+
+
+def test_raw_nonzero_reserved_is_eopnotsupp(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    buf = sized(uapi.IommuIoasIovaRanges, ctypes.sizeof(uapi.IommuIoasIovaRanges), ioas_id=ioas,
+                reserved=1)
+    expect_raw(errno.EOPNOTSUPP, env, uapi.Ioctl.IOMMU_IOAS_IOVA_RANGES, buf)
+
+
+def test_raw_and_typed_paths_share_one_object_table(env: Env) -> None:
+    typed = env.be.ioas_alloc()
+    buf = sized(uapi.IommuIoasAlloc, ctypes.sizeof(uapi.IommuIoasAlloc))
+    env.raw(uapi.Ioctl.IOMMU_IOAS_ALLOC, buf)
+    raw_id = uapi.IommuIoasAlloc.from_buffer_copy(buf).out_ioas_id
+    assert raw_id == typed + 1
+    env.raw(uapi.Ioctl.IOMMU_DESTROY, sized(uapi.IommuDestroy, 8, id=typed))
+    assert env.be.ioas_alloc() == typed, "the raw DESTROY freed the typed object's id"
+    expect_raw(errno.ENOENT, env, uapi.Ioctl.IOMMU_DESTROY, sized(uapi.IommuDestroy, 8, id=99))
+
+
+def test_raw_invalidate_reports_entry_num_on_failure(env: Env) -> None:
+    n = nest(env)
+    good = cmd(CmdOpcode.TLBI_NH_ALL)
+    bad = cmd(CmdOpcode.CFGI_STE)
+    array = (ctypes.c_uint64 * 6)(*good, *bad, *good)
+    buf = sized(uapi.IommuHwptInvalidate, 32, hwpt_id=n.viommu, data_uptr=ctypes.addressof(array),
+                data_type=uapi.HwptInvalidateDataType.ARM_SMMUV3, entry_len=16, entry_num=3)
+    expect_raw(errno.EIO, env, uapi.Ioctl.IOMMU_HWPT_INVALIDATE, buf)
+    assert uapi.IommuHwptInvalidate.from_buffer_copy(buf).entry_num == 1
+
+
+def test_raw_invalidate_long_entry_with_nonzero_tail_is_e2big(env: Env) -> None:
+    n = nest(env)
+    entry = bytearray(24)
+    entry[:16] = struct.pack("<QQ", *cmd(CmdOpcode.TLBI_NH_ALL))
+    entry[20] = 1
+    array = ctypes.create_string_buffer(bytes(entry), 24)
+    buf = sized(uapi.IommuHwptInvalidate, 32, hwpt_id=n.viommu, data_uptr=ctypes.addressof(array),
+                data_type=uapi.HwptInvalidateDataType.ARM_SMMUV3, entry_len=24, entry_num=1)
+    expect_raw(errno.E2BIG, env, uapi.Ioctl.IOMMU_HWPT_INVALIDATE, buf)
+    assert uapi.IommuHwptInvalidate.from_buffer_copy(buf).entry_num == 0
+
+
+def test_raw_iova_ranges_too_small_is_emsgsize_with_the_count(env: Env) -> None:
+    ioas = env.be.ioas_alloc()
+    buf = sized(uapi.IommuIoasIovaRanges, 32, ioas_id=ioas, num_iovas=0)
+    expect_raw(errno.EMSGSIZE, env, uapi.Ioctl.IOMMU_IOAS_IOVA_RANGES, buf)
+    assert uapi.IommuIoasIovaRanges.from_buffer_copy(buf).num_iovas >= 1
