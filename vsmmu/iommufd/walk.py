@@ -53,6 +53,18 @@ from vsmmu.arch.cd import (
 )
 from vsmmu.arch.commands import CMD, CmdOpcode, TlbiTg
 from vsmmu.arch.events import EVT, Event, EventClass, EventId, decode_event, encode_event
+from vsmmu.arch.pagetables import (
+    DESC,
+    DESCRIPTOR_SIZE,
+    GRANULES_BY_SHIFT,
+    OA_BITS,
+    Ap,
+    DescriptorKind,
+    Granule,
+    classify,
+    output_address,
+)
+from vsmmu.arch.registers import OAS_BITS
 from vsmmu.arch.ste import STE, S1Fmt, SteConfig
 from vsmmu.iommufd.backend import IommufdError
 
@@ -61,18 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# TODO(vsmmu.arch.pagetable): AArch64 VMSAv8-64 descriptor fields, to move to vsmmu.arch.
-DESC_VALID = 1 << 0
-DESC_TABLE = 1 << 1  # at levels 0-2: table (1) or block (0); at level 3 must be 1 (page)
-DESC_AP_UNPRIV = 1 << 6  # AP[1]: EL0 (unprivileged) access allowed
-DESC_AP_RDONLY = 1 << 7  # AP[2]: read-only
-DESC_AF = 1 << 10
-DESC_OA_MASK = ((1 << 48) - 1)  # output address bits [47:granule shift]
-DESC_OA_HIGH = ((1 << 52) - 1) ^ ((1 << 48) - 1)  # bits [51:48]: beyond a 48-bit OA
-DESC_SIZE = 8
-LAST_LEVEL = 3
-# TODO(vsmmu.arch.cd): CD.IPS encoding -> output address bits (as TCR_EL1.IPS).
-IPS_BITS = {0: 32, 1: 36, 2: 40, 3: 42, 4: 44, 5: 48, 6: 52}
 VA_BITS = 64
 TLB_PAGE_SHIFT = 12
 TLB_PAGE_MASK = (1 << TLB_PAGE_SHIFT) - 1
@@ -356,7 +356,7 @@ class PhysicalSmmu:
         if (not epd[0] and tg0 not in TG0_PAGE_SHIFT) or (not epd[1] and tg1 not in TG1_PAGE_SHIFT):
             raise _Fault(EventId.C_BAD_CD, f"CD TG0 {tg0} / TG1 {tg1} reserved")
         ips = CD.IPS.get(w0)
-        if ips not in IPS_BITS:
+        if ips not in OAS_BITS:
             raise _Fault(EventId.C_BAD_CD, f"CD IPS {ips} reserved")
         return CdConfig(
             asid=CD.ASID.get(w0),
@@ -367,7 +367,7 @@ class PhysicalSmmu:
                 TG1_PAGE_SHIFT.get(tg1, TLB_PAGE_SHIFT),
             ),
             epd=epd,
-            oa_bits=IPS_BITS[ips],
+            oa_bits=OAS_BITS[ips],
         )
 
     def _stage1(
@@ -387,49 +387,40 @@ class PhysicalSmmu:
             raise _Fault(EventId.F_TRANSLATION, f"VA {iova:#x}: EPD{half}=1",
                          event_class=int(EventClass.IN), input_addr=iova)
         ia_bits = VA_BITS - cd.tsz[half]
-        shift = cd.shift[half]
-        stride = shift - 3
-        levels = -(-(ia_bits - shift) // stride)
-        level = LAST_LEVEL + 1 - levels
+        granule: Granule = GRANULES_BY_SHIFT[cd.shift[half]]
+        level = granule.start_level(ia_bits)
         table = cd.ttb[half]
         oa_limit = 1 << cd.oa_bits
+        oa_52 = cd.oa_bits > OA_BITS
         fault = {"event_class": int(EventClass.IN), "input_addr": iova}
         if table >= oa_limit:
             raise _Fault(EventId.F_ADDR_SIZE, f"TTB{half} {table:#x} beyond IPS", **fault)
         while True:
-            lsb = shift + (LAST_LEVEL - level) * stride
-            index = (iova >> lsb) & ((1 << stride) - 1)
-            if level == LAST_LEVEL + 1 - levels:
-                index = (iova & ((1 << ia_bits) - 1)) >> lsb
-            desc_ipa = table + index * DESC_SIZE
-            raw = self._read_ipa(ioas, desc_ipa, DESC_SIZE, EventClass.TT, iova)
+            desc_ipa = table + granule.index(iova, level, ia_bits) * DESCRIPTOR_SIZE
+            raw = self._read_ipa(ioas, desc_ipa, DESCRIPTOR_SIZE, EventClass.TT, iova)
             desc = int.from_bytes(raw, "little")
             where = f"level {level} descriptor {desc:#x} at IPA {desc_ipa:#x}"
-            if not desc & DESC_VALID:
+            kind = classify(desc, level, granule)
+            if kind is DescriptorKind.INVALID:
                 raise _Fault(EventId.F_TRANSLATION, f"{where}: invalid", **fault)
-            is_table = bool(desc & DESC_TABLE)
-            if level == LAST_LEVEL and not is_table:
-                raise _Fault(EventId.F_TRANSLATION, f"{where}: reserved at level 3", **fault)
-            out = desc & DESC_OA_MASK & ~((1 << shift) - 1)
-            if desc & DESC_OA_HIGH or out >= oa_limit:
+            if kind is DescriptorKind.RESERVED:
+                raise _Fault(EventId.F_TRANSLATION, f"{where}: reserved here", **fault)
+            out = output_address(desc, level, granule, oa_52=oa_52)
+            if out >= oa_limit:
                 raise _Fault(EventId.F_ADDR_SIZE, f"{where}: address beyond IPS", **fault)
-            if is_table and level < LAST_LEVEL:
+            if kind is DescriptorKind.TABLE:
                 table = out
                 level += 1
                 continue
-            # A block is legal where the level maps at most 1 GiB with 4K, 512 MiB with 64K.
-            min_block_level = 1 if shift == TLB_PAGE_SHIFT else 2
-            if level < min_block_level:
-                raise _Fault(EventId.F_TRANSLATION, f"{where}: block not allowed here", **fault)
-            leaf_size = 1 << lsb
-            out &= ~(leaf_size - 1)
-            if not desc & DESC_AF:
+            if not DESC.AF.test(desc):
                 raise _Fault(EventId.F_ACCESS, f"{where}: AF=0", **fault)
-            if not desc & DESC_AP_UNPRIV:
+            ap = DESC.AP.get(desc)
+            if ap not in (Ap.RW_ANY, Ap.RO_ANY):
                 raise _Fault(EventId.F_PERMISSION, f"{where}: no unprivileged access", **fault)
-            writable = not desc & DESC_AP_RDONLY
+            writable = ap == Ap.RW_ANY
             if write and not writable:
                 raise _Fault(EventId.F_PERMISSION, f"{where}: read-only", **fault)
+            leaf_size = 1 << granule.level_shift(level)
             leaf_base = iova & ~(leaf_size - 1)
             return leaf_base, leaf_size, out | (iova & (leaf_size - 1)), writable
 

@@ -8,9 +8,10 @@ import pytest
 
 from vsmmu.arch.cd import CD, Tg0
 from vsmmu.arch.commands import CMD, CmdOpcode, TlbiTg
-from vsmmu.arch.events import EventClass, EventId, decode_event
+from vsmmu.arch.events import Event, EventClass, EventId, decode_event
+from vsmmu.arch.pagetables import DESC, Ap
 from vsmmu.arch.ste import STE, SteConfig
-from vsmmu.iommufd import uapi, walk
+from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import HostMapping
 from vsmmu.iommufd.sim import SimIommufd
 from vsmmu.iommufd.walk import DmaFault
@@ -22,7 +23,9 @@ PSID = 0x1000
 ASID = 7
 IPS_48 = 5
 T0SZ_48 = 16
-LEAF = walk.DESC_VALID | walk.DESC_AF | walk.DESC_AP_UNPRIV
+LEAF = DESC.VALID.place(1) | DESC.AF.place(1) | DESC.AP.place(Ap.RW_ANY)
+PAGE = DESC.TYPE.place(1)
+RDONLY = DESC.AP.place(Ap.RO_ANY)
 
 
 class Guest:
@@ -61,8 +64,8 @@ class Guest:
         hwpt = self.sim.hwpt_alloc(self.dev, self.viommu, data=(w0, 0))
         self.sim.device_attach(self.dev, hwpt)
 
-    def events(self) -> list[tuple[int, object]]:
-        out = []
+    def events(self) -> list[tuple[int, Event]]:
+        out: list[tuple[int, Event]] = []
         while True:
             try:
                 rec = os.read(self.q.fd, 4096)
@@ -82,7 +85,7 @@ class Guest:
 
 
 def table(addr: int) -> int:
-    return addr | walk.DESC_VALID | walk.DESC_TABLE
+    return addr | DESC.VALID.place(1) | DESC.TYPE.place(1)
 
 
 def build_4k(g: Guest, va: int, out: int) -> None:
@@ -91,7 +94,7 @@ def build_4k(g: Guest, va: int, out: int) -> None:
     for level in range(3):
         idx = (va >> (39 - 9 * level)) & 0x1FF
         g.put(tables[level] + idx * 8, table(tables[level + 1]))
-    g.put(tables[3] + ((va >> 12) & 0x1FF) * 8, out | LEAF | walk.DESC_TABLE)
+    g.put(tables[3] + ((va >> 12) & 0x1FF) * 8, out | LEAF | PAGE)
 
 
 def test_4k_four_level_page_translates() -> None:
@@ -123,7 +126,7 @@ def test_64k_three_level_page_and_block_translate() -> None:
     page_va = 0x0000_0040_1234_0000
     g.put(g.ttb + ((page_va >> 42) & 0x3F) * 8, table(l2))
     g.put(l2 + ((page_va >> 29) & 0x1FFF) * 8, table(l3))
-    g.put(l3 + ((page_va >> 16) & 0x1FFF) * 8, (RAM_IPA + 0x50_0000) | LEAF | walk.DESC_TABLE)
+    g.put(l3 + ((page_va >> 16) & 0x1FFF) * 8, (RAM_IPA + 0x50_0000) | LEAF | PAGE)
     block_va = (page_va & ~((1 << 29) - 1)) + (1 << 29)  # next level-2 entry: 512 MiB block
     g.put(l2 + ((block_va >> 29) & 0x1FFF) * 8, RAM_IPA | LEAF)
     g.attach()
@@ -156,7 +159,7 @@ def test_read_only_page_write_is_f_permission() -> None:
     va = 0x1000_0000
     build_4k(g, va, RAM_IPA + 0x20_0000)
     g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8,
-          (RAM_IPA + 0x20_0000) | LEAF | walk.DESC_TABLE | walk.DESC_AP_RDONLY)
+          (RAM_IPA + 0x20_0000) | LEAF | PAGE | RDONLY)
     g.attach()
     assert g.sim.dma_read(g.dev, va, 1) == b"\0"
     with pytest.raises(DmaFault) as info:
@@ -227,7 +230,7 @@ def test_missing_tlbi_leaves_stale_translation_and_tlbi_removes_it() -> None:
     g.attach()
     assert g.sim.dma_read(g.dev, va, 1) == b"\x01"
     # The guest remaps the page without invalidating: the IOTLB still holds the old one.
-    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | walk.DESC_TABLE)
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | PAGE)
     assert g.sim.dma_read(g.dev, va, 1) == b"\x01"
     g.tlbi(CmdOpcode.TLBI_NH_VA, ASID=ASID + 1, VA=va)  # wrong ASID: still stale
     assert g.sim.dma_read(g.dev, va, 1) == b"\x01"
@@ -253,7 +256,7 @@ def test_each_tlbi_form_removes_the_stale_entry(fields: dict[str, int]) -> None:
     g.ram[0x30_0000] = 2
     g.attach()
     g.sim.dma_read(g.dev, va, 1)
-    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | walk.DESC_TABLE)
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | PAGE)
     opcode = fields.pop("opcode")
     g.tlbi(opcode, **fields)
     assert g.sim.dma_read(g.dev, va, 1) == b"\x02"
@@ -281,3 +284,15 @@ def test_hostile_tables_never_escape_as_raw_exceptions() -> None:
     for va in (0, 0x1000, 0xFFFF_FFFF_F000, 1 << 63):
         with pytest.raises(DmaFault):
             g.sim.dma_read(g.dev, va, 8)
+
+
+def test_dbm_bit_is_an_attribute_not_an_address_bit() -> None:
+    """Bit 51 is DBM, not OA[51] (48-bit OA): a page carrying it still translates."""
+    g = Guest()
+    va = 0x1000_0000
+    build_4k(g, va, RAM_IPA + 0x20_0000)
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8,
+          (RAM_IPA + 0x20_0000) | LEAF | PAGE | DESC.DBM.place(1))
+    g.attach()
+    g.ram[0x20_0000] = 0x77
+    assert g.sim.dma_read(g.dev, va, 1) == b"\x77"
