@@ -22,6 +22,13 @@ range), NH_ASID, NH_ALL and NSNH_ALL (through ``HWPT_INVALIDATE``) remove
 entries; CFGI_CD/CFGI_CD_ALL drop the cached CD; an IOAS map/unmap flushes
 everything (the kernel invalidates stage 2 itself).
 
+Fast path: a hit is also remembered per device as ``{4K page: (host page
+view, writable)}`` in :attr:`PhysicalSmmu.fast`, which ``dma_read`` /
+``dma_write`` consult before anything else for accesses within one page.
+It only caches what a TLB hit would return, and is dropped whole on every
+IOTLB change, CD-cache drop, STE change and stage-2 change, so staleness
+and invalidation behave exactly as without it.
+
 Fault policy (as the Linux host driver reports them): a stage-1 fault or a
 configuration error of a device with a vDEVICE is forwarded to its vIOMMU's
 vEVENTQ with the StreamID replaced by the vSID (ids C_BAD_STE, C_BAD_CD,
@@ -75,7 +82,8 @@ log = logging.getLogger(__name__)
 
 VA_BITS = 64
 TLB_PAGE_SHIFT = 12
-TLB_PAGE_MASK = (1 << TLB_PAGE_SHIFT) - 1
+TLB_PAGE_SIZE = 1 << TLB_PAGE_SHIFT
+TLB_PAGE_MASK = TLB_PAGE_SIZE - 1
 TLB_CAPACITY = 8192
 TLBI_TG_SHIFT: dict[int, int] = {
     TlbiTg.GRANULE_4K: 12, TlbiTg.GRANULE_16K: 14, TlbiTg.GRANULE_64K: 16
@@ -161,6 +169,10 @@ class PhysicalSmmu:
         self.sim = sim
         self.tlb: dict[tuple[int, int, int], TlbEntry] = {}
         self.cd_cache: dict[int, CdConfig] = {}
+        # The hit fast path: dev_id -> {4K page number: (that host page's view, writable)}.
+        # A pure cache of what a TLB hit would return, so it is dropped whole on every
+        # change to the IOTLB, the CD cache or an STE (all rare next to DMA).
+        self.fast: dict[int, dict[int, tuple[memoryview, bool]]] = {}
         self.host_events: list[Event] = []
         self.walks = 0
 
@@ -169,15 +181,18 @@ class PhysicalSmmu:
     def install_ste(self, dev: SimDevice) -> None:
         """A new physical STE for ``dev`` (attach/replace/detach): CFGI_STE semantics."""
         self.cd_cache.pop(dev.stream_id, None)
+        self.fast.clear()
 
     def flush_stage2(self, ioas: SimIoas) -> None:
         """The IOAS changed: the kernel invalidates stage 2, which drops combined entries."""
         del ioas
         self.tlb.clear()
+        self.fast.clear()
 
     def flush_vmid(self, vmid: int) -> None:
         """Drop every entry of ``vmid`` (its S2 HWPT is gone)."""
         self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid}
+        self.fast.clear()
 
     def invalidate(self, viommu: SimViommu, w0: int, w1: int, op: str) -> None:
         """Convert one guest command as arm_vsmmu_convert_user_cmd, then execute it."""
@@ -187,6 +202,7 @@ class PhysicalSmmu:
                 errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation"
             )
         vmid = viommu.vmid
+        self.fast.clear()
         if opcode == CmdOpcode.TLBI_NSNH_ALL:
             opcode = CmdOpcode.TLBI_NH_ALL
         if opcode in (CmdOpcode.ATC_INV, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL):
@@ -259,6 +275,7 @@ class PhysicalSmmu:
                 if cd is not None:
                     entry = self.tlb.get((vmid, cd.asid, iova >> TLB_PAGE_SHIFT))
                     if entry is not None and (entry.writable or not write):
+                        self._remember(dev, iova, entry)
                         return entry.view, entry.offset + (iova & TLB_PAGE_MASK)
         try:
             return self._walk(dev, iova, write)
@@ -298,11 +315,19 @@ class PhysicalSmmu:
         leaf_base, leaf_size, out_ipa, writable = self._stage1(ioas, cd, iova, write)
         view, off = self._stage2(ioas, out_ipa, write, EventClass.IN, iova)
         page_off = off - (out_ipa & TLB_PAGE_MASK)
-        if len(self.tlb) >= TLB_CAPACITY:
-            self.tlb.pop(next(iter(self.tlb)))
         key = (viommu.vmid, cd.asid, iova >> TLB_PAGE_SHIFT)
-        self.tlb[key] = TlbEntry(leaf_base, leaf_size, view, page_off, writable)
+        if key in self.tlb or len(self.tlb) >= TLB_CAPACITY:
+            self.tlb.pop(key if key in self.tlb else next(iter(self.tlb)))
+            self.fast.clear()
+        entry = TlbEntry(leaf_base, leaf_size, view, page_off, writable)
+        self.tlb[key] = entry
+        self._remember(dev, iova, entry)
         return view, off
+
+    def _remember(self, dev: SimDevice, iova: int, entry: TlbEntry) -> None:
+        """Put the 4K host page of a TLB hit into the device's fast path."""
+        page = entry.view[entry.offset : entry.offset + TLB_PAGE_SIZE]
+        self.fast.setdefault(dev.id, {})[iova >> TLB_PAGE_SHIFT] = (page, entry.writable)
 
     def _stage2(
         self, ioas: SimIoas, ipa: int, write: bool, cls: EventClass, iova: int

@@ -296,3 +296,66 @@ def test_dbm_bit_is_an_attribute_not_an_address_bit() -> None:
     g.attach()
     g.ram[0x20_0000] = 0x77
     assert g.sim.dma_read(g.dev, va, 1) == b"\x77"
+
+
+# --- the IOTLB-hit fast path keeps the slow path's meaning ---
+
+
+def hot_page(g: Guest, va: int = 0x1000_0000) -> int:
+    """Map ``va`` → RAM +2 MiB, attach, and make it an IOTLB hit; return its walk count."""
+    build_4k(g, va, RAM_IPA + 0x20_0000)
+    g.attach()
+    g.sim.dma_read(g.dev, va, 8)
+    return g.sim.smmu.walks
+
+
+def test_repeated_hits_do_not_walk_again() -> None:
+    g = Guest()
+    walks = hot_page(g)
+    for i in range(10):
+        g.sim.dma_write(g.dev, 0x1000_0000 + i * 8, i.to_bytes(8, "little"))
+        assert g.sim.dma_read(g.dev, 0x1000_0000 + i * 8, 8) == i.to_bytes(8, "little")
+    assert g.sim.smmu.walks == walks
+    assert g.ram[0x20_0000 + 9 * 8] == 9
+
+
+def test_detach_after_hits_blocks_dma() -> None:
+    g = Guest()
+    hot_page(g)
+    g.sim.device_detach(g.dev)
+    with pytest.raises(DmaFault):
+        g.sim.dma_read(g.dev, 0x1000_0000, 8)
+
+
+def test_unmapping_stage2_after_hits_faults() -> None:
+    g = Guest()
+    hot_page(g)
+    ioas = next(o.id for o in g.sim.objects() if o.type.value == "ioas")
+    g.sim.ioas_unmap(ioas, 0, uapi.U64_MAX)
+    with pytest.raises(DmaFault):
+        g.sim.dma_read(g.dev, 0x1000_0000, 8)
+
+
+def test_access_crossing_a_page_uses_both_translations() -> None:
+    g = Guest()
+    va = 0x1000_0000
+    hot_page(g, va)
+    next_va = va + 0x1000
+    g.put(g.ttb + 0x3000 + ((next_va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x50_0000) | LEAF | PAGE)
+    g.ram[0x20_0FFE : 0x20_1000] = b"ab"
+    g.ram[0x50_0000 : 0x50_0002] = b"cd"
+    assert g.sim.dma_read(g.dev, va + 0xFFE, 4) == b"abcd"
+    assert g.sim.dma_read(g.dev, va + 0xFFE, 4) == b"abcd"
+
+
+def test_fast_path_write_to_read_only_page_still_faults() -> None:
+    g = Guest()
+    va = 0x1000_0000
+    build_4k(g, va, RAM_IPA + 0x20_0000)
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x20_0000) | LEAF | PAGE | RDONLY)
+    g.attach()
+    for _ in range(2):
+        assert g.sim.dma_read(g.dev, va, 1) == b"\0"
+    with pytest.raises(DmaFault):
+        g.sim.dma_write(g.dev, va, b"z")
+    assert g.ram[0x20_0000] == 0
