@@ -799,3 +799,17 @@ def test_raw_iova_ranges_too_small_is_emsgsize_with_the_count(env: Env) -> None:
     buf = sized(uapi.IommuIoasIovaRanges, 32, ioas_id=ioas, num_iovas=0)
     expect_raw(errno.EMSGSIZE, env, uapi.Ioctl.IOMMU_IOAS_IOVA_RANGES, buf)
     assert uapi.IommuIoasIovaRanges.from_buffer_copy(buf).num_iovas >= 1
+
+
+def test_sim_raw_size_beyond_the_buffer_is_efault() -> None:
+    """The sim cannot fault on user memory, so a size larger than the buffer is EFAULT."""
+    sim = SimIommufd()
+    buf = sized(uapi.IommuIoasAlloc, ctypes.sizeof(uapi.IommuIoasAlloc))
+    buf[:4] = (len(buf) + 8).to_bytes(4, "little")
+    with pytest.raises(IommufdError) as info:
+        sim.ioctl(uapi.Ioctl.IOMMU_IOAS_ALLOC, buf)
+    assert info.value.errno == errno.EFAULT
+    with pytest.raises(IommufdError) as info:
+        sim.ioctl(uapi.Ioctl.IOMMU_IOAS_ALLOC, bytearray(2))
+    assert info.value.errno == errno.EFAULT
+    assert sim.objects() == []
