@@ -46,6 +46,12 @@ class GuestKernel:
     @property
     def image(self) -> Path:
         """The raw ARM64 ``Image`` QEMU boots with ``-kernel``."""
+        for candidate in (
+            self.kernel_root / "boot" / f"vmlinuz-{self.release}",
+            self.modules_dir / "vmlinuz",
+        ):
+            if candidate.exists():
+                return candidate
         return self.kernel_root / "boot" / f"vmlinuz-{self.release}"
 
     @property
@@ -113,8 +119,11 @@ def ensure_guest(cache: Path, suite: str = DEFAULT_SUITE, *, quiet: bool = False
             f"{KERNEL_META} in {suite} resolved to kernel images {images}, expected exactly one"
         )
     release = images[0].removeprefix("linux-image-")
+    # trixie ships Image and modules in linux-image-<release>; newer kernels
+    # split them into linux-binary-<release> and linux-modules-<release>.
     kernel_names = [
-        n for n, _, _ in closure if n in (f"linux-image-{release}", f"linux-modules-{release}")
+        n for n, _, _ in closure
+        if re.fullmatch(rf"linux-(image|binary|modules)-{re.escape(release)}", n)
     ]
     print(f"==> guest kernel {release} from {suite}", file=sys.stderr, flush=True)
     kernel_pkgs = archive.fetch(kernel_names, arch=GUEST_ARCH, suite=suite)
