@@ -4,7 +4,8 @@ Public API (a device never sees a message):
 
 * :class:`~vsmmu.vfio_user.device.PciDevice`, :class:`~vsmmu.vfio_user.device.BarRegion`,
   :class:`~vsmmu.vfio_user.device.IrqVector` — what a device model registers and calls;
-* :class:`~vsmmu.vfio_user.pci.PciIdentity`, :class:`~vsmmu.vfio_user.pci.MsixLayout`;
+* :class:`~vsmmu.vfio_user.pci.PciIdentity`, :class:`~vsmmu.vfio_user.pci.MsixLayout`,
+  :class:`~vsmmu.vfio_user.pci.PciCapability` (device-supplied standard/extended caps);
 * :class:`~vsmmu.vfio_user.dma.DmaMapTable` / :class:`~vsmmu.vfio_user.dma.DmaMapping`;
 * :class:`~vsmmu.vfio_user.server.VfioUserServer` — serves one device on one socket;
 * :class:`~vsmmu.vfio_user.client.VfioUserClient` — a Python client for tests and tools.
@@ -13,7 +14,7 @@ Public API (a device never sees a message):
 from vsmmu.vfio_user.device import BarRegion, IrqVector, PciDevice
 from vsmmu.vfio_user.dma import DmaError, DmaMapping, DmaMapTable
 from vsmmu.vfio_user.messages import CommandError, ProtocolError, VfioUserError
-from vsmmu.vfio_user.pci import MsixLayout, PciConfigError, PciIdentity
+from vsmmu.vfio_user.pci import MsixLayout, PciCapability, PciConfigError, PciIdentity
 from vsmmu.vfio_user.server import ServerError, VfioUserServer
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "DmaMapping",
     "IrqVector",
     "MsixLayout",
+    "PciCapability",
     "PciConfigError",
     "PciDevice",
     "PciIdentity",

@@ -11,11 +11,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.dma import DmaMapTable
-from vsmmu.vfio_user.pci import BarLayout, MsixLayout, PciConfigSpace, PciIdentity
+from vsmmu.vfio_user.pci import (
+    BarLayout,
+    MsixLayout,
+    PciCapability,
+    PciConfigSpace,
+    PciIdentity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +125,11 @@ class PciDevice:
     ``bars`` maps BAR index to region; ``intx`` gives the function an INTA
     pin; ``msi_vectors``/``msix_vectors`` size those IRQ indices (``msix``
     also emits an MSI-X capability pointing into one of the BARs, whose
-    handlers must then serve the PBA).  ``on_reset`` runs on DEVICE_RESET
-    and on disconnect; ``on_disconnect`` runs when the client goes away.
+    handlers must then serve the PBA).  ``capabilities`` are appended to the
+    standard list after PCIe (and MSI-X); ``ext_capabilities`` form the
+    extended list at 0x100 (see :class:`~vsmmu.vfio_user.pci.PciCapability`).
+    ``on_reset`` runs on DEVICE_RESET and on disconnect; ``on_disconnect``
+    runs when the client goes away.
     """
 
     def __init__(
@@ -135,6 +144,8 @@ class PciDevice:
         on_reset: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
         dma: DmaMapTable | None = None,
+        capabilities: Sequence[PciCapability] = (),
+        ext_capabilities: Sequence[PciCapability] = (),
     ) -> None:
         self.identity = identity
         self.bars = dict(bars)
@@ -144,6 +155,8 @@ class PciDevice:
             intx=intx,
             msix=msix,
             pcie_type=pcie_type,
+            capabilities=capabilities,
+            ext_capabilities=ext_capabilities,
         )
         self.irqs: dict[int, list[IrqVector]] = {
             uapi.PciIrq.INTX: [IrqVector("intx", automasked=True)] if intx else [],

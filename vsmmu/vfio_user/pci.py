@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.messages import VfioUserError
@@ -53,6 +54,23 @@ class MsixLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class PciCapability:
+    """A capability a device model adds, standard or extended.
+
+    ``body`` is the whole structure including its header bytes (the space
+    fills in the id, version and next pointer); ``wmask`` gives the
+    guest-writable bits per byte (empty: all read-only).  ``cap_id`` is a
+    standard id (``PCI_CAP_ID_*``) in :attr:`PciConfigSpace` ``capabilities``,
+    an extended one (``PCI_EXT_CAP_ID_*``) in ``ext_capabilities``.
+    """
+
+    cap_id: int
+    body: bytes
+    wmask: bytes = b""
+    version: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class PciIdentity:
     """Identification registers of a function."""
 
@@ -75,6 +93,8 @@ class PciConfigSpace:
         intx: bool = True,
         msix: MsixLayout | None = None,
         pcie_type: int = uapi.PCI_EXP_TYPE_ENDPOINT,
+        capabilities: Sequence[PciCapability] = (),
+        ext_capabilities: Sequence[PciCapability] = (),
     ) -> None:
         self.identity = identity
         self.bars = dict(bars)
@@ -83,7 +103,8 @@ class PciConfigSpace:
         self._wmask = bytearray(uapi.PCI_CFG_SPACE_EXP_SIZE)
         self._w1cmask = bytearray(uapi.PCI_CFG_SPACE_EXP_SIZE)
         self._build_header(intx)
-        self._build_capabilities(msix, pcie_type)
+        self._build_capabilities(msix, pcie_type, capabilities)
+        self._build_ext_capabilities(ext_capabilities)
         self._space = bytearray(self._initial)
 
     def _check_bars(self) -> None:
@@ -128,7 +149,9 @@ class PciConfigSpace:
                 high_mask = ~(size_mask >> _DWORD_BITS) & _DWORD_MASK
                 self._put(offset + uapi.PCI_BAR_SIZE, uapi.PCI_BAR_SIZE, 0, wmask=high_mask)
 
-    def _build_capabilities(self, msix: MsixLayout | None, pcie_type: int) -> None:
+    def _build_capabilities(
+        self, msix: MsixLayout | None, pcie_type: int, extra: Sequence[PciCapability]
+    ) -> None:
         caps: list[tuple[int, bytes]] = []
         pcie = bytearray(uapi.PCI_EXP_CAP_V2_SIZE)
         flags = uapi.PCI_EXP_FLAGS_VERSION_2 | (pcie_type << uapi.PCI_EXP_FLAGS_TYPE_SHIFT)
@@ -147,6 +170,20 @@ class PciConfigSpace:
             pba = msix.pba_offset | msix.bar
             msix_cap[uapi.PCI_MSIX_PBA : uapi.PCI_MSIX_PBA + 4] = pba.to_bytes(4, "little")
             caps.append((uapi.PCI_CAP_ID_MSIX, bytes(msix_cap)))
+        for cap in extra:
+            if len(cap.body) % 4 or len(cap.body) < uapi.PCI_CAP_HEADER:
+                raise PciConfigError(
+                    f"capability {cap.cap_id:#x}: {len(cap.body)} bytes, expected a multiple "
+                    f"of 4 (Linux masks the next pointer to a dword) of at least "
+                    f"{uapi.PCI_CAP_HEADER}"
+                )
+        builtin = len(caps)
+        caps.extend((cap.cap_id, cap.body) for cap in extra)
+        end = uapi.PCI_CAP_FIRST + sum(len(body) for _, body in caps)
+        if end > uapi.PCI_CFG_SPACE_SIZE:
+            raise PciConfigError(
+                f"capabilities end at {end:#x}: expected <= {uapi.PCI_CFG_SPACE_SIZE:#x}"
+            )
         offset = uapi.PCI_CAP_FIRST
         self._put(uapi.PCI_CAPABILITY_LIST, 1, offset)
         for position, (cap_id, body) in enumerate(caps):
@@ -160,6 +197,40 @@ class PciConfigSpace:
             if cap_id == uapi.PCI_CAP_ID_MSIX and msix is not None:
                 writable = uapi.PCI_MSIX_FLAGS_ENABLE | uapi.PCI_MSIX_FLAGS_MASKALL
                 self._put(offset + uapi.PCI_MSIX_FLAGS, 2, msix.vectors - 1, wmask=writable)
+            if position >= builtin:
+                self._apply_wmask(offset, extra[position - builtin])
+            offset = following
+
+    def _apply_wmask(self, offset: int, cap: PciCapability) -> None:
+        if cap.wmask and len(cap.wmask) != len(cap.body):
+            raise PciConfigError(
+                f"capability {cap.cap_id:#x}: wmask is {len(cap.wmask)} bytes, "
+                f"expected {len(cap.body)} (the body's length)"
+            )
+        self._wmask[offset : offset + len(cap.wmask)] = cap.wmask
+
+    def _build_ext_capabilities(self, caps: Sequence[PciCapability]) -> None:
+        """Chain ``caps`` from 0x100; the header dword is id, version, next."""
+        offset = uapi.PCI_EXT_CAP_FIRST
+        for position, cap in enumerate(caps):
+            following = offset + _align_dword(len(cap.body))
+            if following > uapi.PCI_CFG_SPACE_EXP_SIZE or len(cap.body) < uapi.PCI_EXT_CAP_HEADER:
+                raise PciConfigError(
+                    f"extended capability {cap.cap_id:#x} ({len(cap.body)} bytes at "
+                    f"{offset:#x}): expected a header and an end <= "
+                    f"{uapi.PCI_CFG_SPACE_EXP_SIZE:#x}"
+                )
+            next_offset = following if position + 1 < len(caps) else 0
+            header = (
+                cap.cap_id
+                | cap.version << uapi.PCI_EXT_CAP_VER_SHIFT
+                | next_offset << uapi.PCI_EXT_CAP_NEXT_SHIFT
+            )
+            self._initial[offset : offset + len(cap.body)] = cap.body
+            self._initial[offset : offset + uapi.PCI_EXT_CAP_HEADER] = header.to_bytes(
+                uapi.PCI_EXT_CAP_HEADER, "little"
+            )
+            self._apply_wmask(offset, cap)
             offset = following
 
     @property
@@ -198,3 +269,7 @@ class PciConfigSpace:
     def reset(self) -> None:
         """Back to the power-on values."""
         self._space[:] = self._initial
+
+
+def _align_dword(size: int) -> int:
+    return (size + 3) & ~3

@@ -259,3 +259,15 @@ PCI_MSIX_BIR_MASK: Final = 0x7
 
 #: Extended capabilities start here; a zero dword ends an empty list.
 PCI_EXT_CAP_FIRST: Final = 0x100
+PCI_EXT_CAP_HEADER: Final = 4
+PCI_EXT_CAP_VER_SHIFT: Final = 16
+PCI_EXT_CAP_NEXT_SHIFT: Final = 20
+PCI_CAP_ID_VNDR: Final = 0x09
+#: Address Translation Services extended capability (PCIe base spec §7.8.7).
+PCI_EXT_CAP_ID_ATS: Final = 0x000F
+PCI_EXT_CAP_ATS_SIZEOF: Final = 8
+PCI_ATS_CAP: Final = 4
+PCI_ATS_CTRL: Final = 6
+PCI_ATS_CTRL_ENABLE: Final = 0x8000
+PCI_ATS_CTRL_STU_MASK: Final = 0x1F
+PCI_CAP_HEADER: Final = 2
