@@ -1,0 +1,677 @@
+"""The nesting translator: the vSMMU's configuration sink, talking iommufd.
+
+:class:`NestingTranslator` is the :class:`vsmmu.smmu.ConfigSink` of one
+:class:`vsmmu.smmu.SmmuV3`.  It turns what the guest configures into iommufd
+objects on an :class:`vsmmu.iommufd.backend.IommufdBackend`, and what the host
+reports back into guest event-queue records (DESIGN.md §3).
+
+Objects and their lives
+    * **connection objects** live as long as the translator: the IOAS whose
+      mappings mirror guest RAM (:meth:`map_guest_ram` / :meth:`unmap_guest_ram`,
+      fed by the SMMU function's DMA_MAP/DMA_UNMAP), and the endpoints'
+      iommufd devices (bound by the service, registered with :meth:`add_endpoint`);
+    * **guest objects** exist only while the guest has CR0.SMMUEN set: the
+      stage-2 nest-parent HWPT on the IOAS, the vIOMMU on it, the vEVENTQ
+      (depth = the guest event queue's size), the abort and bypass proxy
+      HWPTs, one vDEVICE per endpoint (virt_id = the guest StreamID, allocated
+      before the first nested attach) and the nested HWPTs, one per distinct
+      vSTE, shared by every stream with that vSTE.  SMMU disable and device
+      reset destroy every one of them (:meth:`guest_object_ids` is then empty).
+
+While the SMMU is disabled an endpoint follows GBPA: ABORT=1 → detached (DMA
+blocked, no event), ABORT=0 → attached to the IOAS itself (stage 2 only:
+IOVA = guest physical address).  The kernel-owned HWPT that attach creates is
+not a guest object.
+
+Commands
+    * CFGI_STE / CFGI_STE_RANGE / CFGI_ALL (:meth:`ste_changed`): the guest
+      STE of every endpoint in range is re-read, its vSTE built
+      (:func:`vsmmu.nesting.vste.vste_for`), the nested HWPT for that vSTE
+      found or allocated, the device attached to it and the previous HWPT
+      released (destroyed when no stream uses it and it is not a proxy).  What
+      happens when the host refuses is :mod:`vsmmu.nesting.policy`.
+    * CFGI_CD(_ALL), TLBI_NH_*, TLBI_NSNH_ALL, ATC_INV (:meth:`invalidate`): one
+      ``IOMMU_HWPT_INVALIDATE`` on the vIOMMU per batch, raw commands as the
+      entries; a failure at entry k returns k, and the model stops the guest's
+      queue with CERROR_ILL at exactly that command.  With no vIOMMU (SMMU
+      disabled, nothing to nest) every invalidation succeeds: nothing is cached.
+
+Events
+    The vEVENTQ fd is read on the event loop (``loop.add_reader``) when a loop
+    is given, or by calling :meth:`drain_veventq`.  Each record's event (the
+    host already put the vSID in it) is written to the guest event queue; a
+    LOST_EVENTS header becomes the guest queue's overflow flag.
+
+Errors never reach the guest as exceptions: every iommufd failure is logged
+with the guest's StreamID and becomes the guest-visible outcome documented
+here; :class:`NestingError` is raised only for caller mistakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+import struct
+from collections.abc import Sequence
+
+from vsmmu.arch.events import EVENT_SIZE, Event, EventId, decode_event, encode_event
+from vsmmu.arch.registers import QUEUE_BASE
+from vsmmu.iommufd import uapi
+from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError, VeventqHandle
+from vsmmu.iommufd.sim import SimIommufd
+from vsmmu.iommufd.walk import DmaFault
+from vsmmu.nesting.policy import CBadStePolicy
+from vsmmu.nesting.vste import ABORT_VSTE, BYPASS_VSTE, INVALID_VSTE, VsteWords, vste_for
+from vsmmu.smmu import GbpaState, QueuedCommand, SmmuV3, SteLookup, SteStatus, StreamTableConfig
+
+logger = logging.getLogger(__name__)
+
+_VEVENT_HEADER = struct.Struct("<II")
+"""``struct iommufd_vevent_header``: flags, sequence."""
+_VEVENTQ_READ_SIZE = 64 * (uapi.VEVENT_HEADER_SIZE + uapi.VEVENT_ARM_SMMUV3_SIZE)
+_HOST_EVENTS = (SteStatus.INVALID, SteStatus.ILLEGAL, SteStatus.VALID)
+"""Guest STE states whose transactions the host handles (and reports) itself."""
+
+
+class NestingError(Exception):
+    """A caller misused the translator (never raised for guest-controlled data)."""
+
+
+class TranslatorObserver:
+    """Hears what the translator did, for QMP events and statistics (no-op by default)."""
+
+    def event_recorded(self, event: Event, written: bool, origin: str) -> None:
+        """A record was offered to the guest event queue (``written``: it fit)."""
+
+    def event_overflow(self, origin: str) -> None:
+        """The guest event queue was flagged as overflowed."""
+
+    def hwpt_allocated(self, sid: int, vste: VsteWords, hwpt_id: int | None,
+                       error: IommufdError | None) -> None:
+        """A nested HWPT was allocated for ``sid`` (``error`` set when it failed)."""
+
+
+@dataclasses.dataclass
+class NestedHwpt:
+    """A nested HWPT the translator allocated: its vSTE and the streams attached to it."""
+
+    id: int
+    vste: VsteWords
+    users: set[int] = dataclasses.field(default_factory=set)
+    proxy: bool = False
+
+
+@dataclasses.dataclass
+class Stream:
+    """One endpoint's StreamID, its iommufd device, and what is installed for it."""
+
+    sid: int
+    name: str
+    dev_id: int
+    vdev_id: int | None = None
+    lookup: SteLookup | None = None
+    vste: VsteWords | None = None
+    hwpt: NestedHwpt | None = None
+    on_ioas: bool = False
+    error: str = ""
+
+    @property
+    def attachment(self) -> str:
+        """What the device is attached to, in words."""
+        if self.hwpt is not None:
+            return f"nested HWPT {self.hwpt.id}"
+        return "IOAS (GBPA bypass)" if self.on_ioas else "nothing (blocked)"
+
+
+@dataclasses.dataclass
+class GuestObjects:
+    """The iommufd objects that exist while the guest has the SMMU enabled."""
+
+    s2_hwpt: int | None = None
+    viommu: int | None = None
+    veventq: VeventqHandle | None = None
+    hwpts: dict[VsteWords, NestedHwpt] = dataclasses.field(default_factory=dict)
+    vdevices: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransactionResult:
+    """The outcome of one transaction from a StreamID (endpoint DMA or injected)."""
+
+    sid: int
+    iova: int
+    write: bool
+    ok: bool
+    data: bytes = b""
+    event: Event | None = None
+    reason: str = ""
+
+
+class StreamFault(NestingError):
+    """An endpoint's DMA was refused; ``result`` says why and which event it raised."""
+
+    def __init__(self, result: TransactionResult) -> None:
+        super().__init__(f"DMA {'write' if result.write else 'read'} by SID {result.sid:#x} at "
+                         f"IOVA {result.iova:#x} refused: {result.reason}")
+        self.result = result
+
+
+class NestingTranslator:
+    """The vSMMU's :class:`~vsmmu.smmu.ConfigSink` over an iommufd backend (module doc)."""
+
+    def __init__(self, backend: IommufdBackend, *,
+                 policy: CBadStePolicy = CBadStePolicy.EVENT,
+                 observer: TranslatorObserver | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 trace: bool = False) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.observer = observer if observer is not None else TranslatorObserver()
+        self.loop = loop
+        self.trace = trace
+        self.ioas = backend.ioas_alloc()
+        self.nesting_error = ""
+        """Why the last SMMU enable could not build the nesting objects ("" if it could)."""
+        self.events_forwarded = 0
+        self.invalidations = 0
+        self._smmu: SmmuV3 | None = None
+        self._ram: dict[int, HostMapping] = {}
+        self._streams: dict[int, Stream] = {}
+        self._guest: GuestObjects | None = None
+
+    # ------------------------------------------------------------ wiring
+
+    def bind(self, smmu: SmmuV3) -> None:
+        """Attach the model this translator serves (the model was built with it as sink)."""
+        self._smmu = smmu
+
+    @property
+    def smmu(self) -> SmmuV3:
+        """The bound model. Raises NestingError before :meth:`bind`."""
+        if self._smmu is None:
+            raise NestingError("NestingTranslator: no SmmuV3 bound; call bind(smmu) first")
+        return self._smmu
+
+    def add_endpoint(self, sid: int, dev_id: int, name: str) -> Stream:
+        """Register an endpoint's iommufd device at guest StreamID ``sid``.
+
+        Raises NestingError if ``sid`` is taken.
+        """
+        if sid in self._streams:
+            raise NestingError(f"StreamID {sid:#x}: already {self._streams[sid].name}; "
+                               f"expected a free StreamID for {name}")
+        stream = Stream(sid, name, dev_id)
+        self._streams[sid] = stream
+        if self._smmu is not None and self._guest is not None and self._guest.viommu:
+            self._alloc_vdevice(stream)
+            self._install(stream)
+        else:
+            self._follow_gbpa(stream, self._gbpa_abort())
+        return stream
+
+    def streams(self) -> list[Stream]:
+        """The endpoint streams, by StreamID."""
+        return [self._streams[sid] for sid in sorted(self._streams)]
+
+    def stream(self, sid: int) -> Stream | None:
+        """The endpoint stream at ``sid``, if any."""
+        return self._streams.get(sid)
+
+    @property
+    def guest_objects(self) -> GuestObjects | None:
+        """The guest objects while the SMMU is enabled and nesting was set up."""
+        return self._guest
+
+    def guest_object_ids(self) -> set[int]:
+        """Ids of every iommufd object that exists for the guest's SMMU configuration."""
+        guest = self._guest
+        if guest is None:
+            return set()
+        ids = {hwpt.id for hwpt in guest.hwpts.values()} | set(guest.vdevices)
+        ids |= {i for i in (guest.s2_hwpt, guest.viommu) if i is not None}
+        if guest.veventq is not None:
+            ids.add(guest.veventq.id)
+        return ids
+
+    # ------------------------------------------------------------ guest RAM
+
+    def map_guest_ram(self, gpa: int, mapping: HostMapping) -> None:
+        """Mirror a guest RAM range into the IOAS (stage 2: IPA ``gpa`` → ``mapping``)."""
+        try:
+            self.backend.ioas_map(self.ioas, mapping, iova=gpa)
+        except IommufdError as exc:
+            logger.error("guest RAM [%#x, %#x) not mapped for DMA: %s", gpa,
+                         gpa + mapping.length, exc)
+            return
+        self._ram[gpa] = mapping
+        logger.info("guest RAM [%#x, %#x) mapped into IOAS %d", gpa, gpa + mapping.length,
+                    self.ioas)
+
+    def unmap_guest_ram(self, gpa: int) -> None:
+        """Remove the guest RAM range mapped at ``gpa`` from the IOAS (no-op if unknown)."""
+        mapping = self._ram.pop(gpa, None)
+        if mapping is None:
+            return
+        try:
+            self.backend.ioas_unmap(self.ioas, gpa, mapping.length)
+        except IommufdError as exc:
+            logger.error("guest RAM at %#x not unmapped from IOAS %d: %s", gpa, self.ioas, exc)
+        mapping.release()
+        logger.info("guest RAM [%#x, %#x) unmapped", gpa, gpa + mapping.length)
+
+    # ------------------------------------------------------------ ConfigSink
+
+    def smmu_enable_changed(self, enabled: bool, stream_table: StreamTableConfig) -> None:
+        """SMMUEN 0→1 builds the guest objects and installs every stream; 1→0 tears down."""
+        if enabled:
+            logger.info("guest enabled the SMMU (stream table at %#x, %d SIDs)",
+                        stream_table.base, 1 << stream_table.log2size)
+            self._build_guest_objects()
+        else:
+            logger.info("guest disabled the SMMU")
+            self._teardown()
+            self._follow_gbpa_all()
+
+    def gbpa_changed(self, gbpa: GbpaState) -> None:
+        """While the SMMU is disabled, endpoints follow GBPA.ABORT."""
+        if self._smmu is not None and self.smmu.enabled:
+            return
+        logger.info("guest set GBPA.ABORT=%d: endpoints %s", gbpa.abort,
+                    "blocked" if gbpa.abort else "bypass to guest RAM")
+        self._follow_gbpa_all()
+
+    def ste_changed(self, first_sid: int, last_sid: int) -> bool:
+        """Re-install every endpoint stream in ``first_sid..last_sid``; False = CERROR_ILL."""
+        if self._guest is None or self._guest.viommu is None:
+            return True
+        ok = True
+        if first_sid == last_sid:
+            stream = self._streams.get(first_sid)
+            return self._install(stream) if stream is not None else True
+        for sid, stream in self._streams.items():
+            if first_sid <= sid <= last_sid:
+                ok = self._install(stream) and ok
+        return ok
+
+    def invalidate(self, batch: Sequence[QueuedCommand]) -> int:
+        """One HWPT_INVALIDATE on the vIOMMU for the whole batch; return how many succeeded."""
+        guest = self._guest
+        if guest is None or guest.viommu is None:
+            return len(batch)
+        self.invalidations += 1
+        try:
+            return self.backend.hwpt_invalidate(guest.viommu, [(c.dw0, c.dw1) for c in batch])
+        except IommufdError as exc:
+            handled = min(max(exc.handled, 0), len(batch))
+            logger.warning("guest command %s refused by the host (%s): CERROR_ILL",
+                           batch[handled] if handled < len(batch) else "?", exc)
+            return handled
+
+    def sync(self) -> None:
+        """Nothing to wait for: iommufd invalidation is synchronous."""
+
+    def reset(self) -> None:
+        """Device reset: every guest object destroyed, endpoints follow the reset GBPA."""
+        logger.info("vSMMU reset: destroying every object created for the guest")
+        self._teardown()
+        self._follow_gbpa_all()
+
+    # ------------------------------------------------------------ guest objects
+
+    def _build_guest_objects(self) -> None:
+        if self._guest is not None:
+            self._teardown()
+        self.nesting_error = ""
+        streams = self.streams()
+        if not streams:
+            logger.info("no endpoint behind the vSMMU: no iommufd nesting objects needed")
+            return
+        # Off the IOAS before nesting: streams move to nested HWPTs below.
+        for stream in streams:
+            self._detach(stream)
+        guest = self._guest = GuestObjects()
+        be = self.backend
+        dev = streams[0].dev_id
+        try:
+            guest.s2_hwpt = be.hwpt_alloc(dev, self.ioas, flags=uapi.HwptAllocFlags.NEST_PARENT)
+            guest.viommu = be.viommu_alloc(dev, guest.s2_hwpt)
+            guest.veventq = be.veventq_alloc(guest.viommu, self._veventq_depth())
+            for vste in (ABORT_VSTE, BYPASS_VSTE):
+                hwpt = NestedHwpt(be.hwpt_alloc(dev, guest.viommu, data=vste), vste, proxy=True)
+                guest.hwpts[vste] = hwpt
+        except IommufdError as exc:
+            self.nesting_error = str(exc)
+            logger.error("SMMU enable: the host refused nesting (%s); every endpoint's DMA is "
+                         "blocked until the guest re-enables the SMMU", exc)
+            self._teardown()
+            return
+        if self.loop is not None:
+            self.loop.add_reader(guest.veventq.fd, self._on_veventq_readable)
+        if self.trace:
+            logger.info("iommufd: S2 HWPT %d, vIOMMU %d, vEVENTQ %d (fd %d), proxies %s",
+                        guest.s2_hwpt, guest.viommu, guest.veventq.id, guest.veventq.fd,
+                        [h.id for h in guest.hwpts.values()])
+        for stream in streams:
+            self._alloc_vdevice(stream)
+        for stream in streams:
+            self._install(stream)
+
+    def _veventq_depth(self) -> int:
+        smmu = self.smmu
+        return 1 << min(QUEUE_BASE.LOG2SIZE.get(smmu.evtq_base), smmu.features.evtqs)
+
+    def _alloc_vdevice(self, stream: Stream) -> None:
+        guest = self._guest
+        assert guest is not None and guest.viommu is not None
+        try:
+            stream.vdev_id = self.backend.vdevice_alloc(guest.viommu, stream.dev_id, stream.sid)
+        except IommufdError as exc:
+            stream.error = f"vDEVICE: {exc}"
+            logger.error("SID %#x (%s): no vDEVICE: %s", stream.sid, stream.name, exc)
+            return
+        guest.vdevices.append(stream.vdev_id)
+
+    def _teardown(self) -> None:
+        guest = self._guest
+        for stream in self._streams.values():
+            self._detach(stream)
+            stream.vdev_id = None
+            stream.vste = None
+        if guest is None:
+            return
+        self._guest = None
+        be = self.backend
+        doomed: list[int] = [h.id for h in guest.hwpts.values()]
+        if guest.veventq is not None:
+            if self.loop is not None:
+                self.loop.remove_reader(guest.veventq.fd)
+            doomed.append(guest.veventq.id)
+        doomed += guest.vdevices
+        doomed += [i for i in (guest.viommu, guest.s2_hwpt) if i is not None]
+        for obj_id in doomed:
+            try:
+                be.destroy(obj_id)
+            except IommufdError as exc:
+                logger.error("iommufd object %d not destroyed: %s", obj_id, exc)
+        if guest.veventq is not None:
+            os.close(guest.veventq.fd)
+        if self.trace:
+            logger.info("iommufd: destroyed guest objects %s", doomed)
+
+    def _gbpa_abort(self) -> bool:
+        return self._smmu is not None and self.smmu.gbpa_state().abort
+
+    def _follow_gbpa_all(self) -> None:
+        abort = self._gbpa_abort()
+        for stream in self._streams.values():
+            self._follow_gbpa(stream, abort)
+
+    def _follow_gbpa(self, stream: Stream, abort: bool) -> None:
+        if abort:
+            self._detach(stream)
+            return
+        if stream.on_ioas:
+            return
+        try:
+            self.backend.device_attach(stream.dev_id, self.ioas)
+        except IommufdError as exc:
+            stream.error = f"GBPA bypass attach: {exc}"
+            logger.error("SID %#x (%s): bypass attach failed: %s", stream.sid, stream.name, exc)
+            return
+        stream.on_ioas = True
+
+    def _detach(self, stream: Stream) -> None:
+        if stream.hwpt is None and not stream.on_ioas:
+            return
+        try:
+            self.backend.device_detach(stream.dev_id)
+        except IommufdError as exc:
+            logger.error("SID %#x (%s): detach failed: %s", stream.sid, stream.name, exc)
+        self._release(stream)
+        stream.on_ioas = False
+
+    def _release(self, stream: Stream) -> None:
+        old = stream.hwpt
+        stream.hwpt = None
+        if old is None:
+            return
+        old.users.discard(stream.sid)
+        if old.users or old.proxy or self._guest is None:
+            return
+        try:
+            self.backend.destroy(old.id)
+        except IommufdError as exc:
+            logger.error("nested HWPT %d not destroyed: %s", old.id, exc)
+            return
+        self._guest.hwpts.pop(old.vste, None)
+
+    # ------------------------------------------------------------ stream install
+
+    def _install(self, stream: Stream) -> bool:
+        """Install the guest STE of ``stream``; False when the CFGI must fail (qemu-accel)."""
+        lookup = self.smmu.lookup_ste(stream.sid)
+        stream.lookup = lookup
+        stream.error = ""
+        vste = vste_for(lookup)
+        accepted = True
+        if lookup.status is SteStatus.ILLEGAL:
+            stream.error = f"guest STE ILLEGAL: {lookup.reason}"
+            logger.info("SID %#x (%s): guest STE is ILLEGAL (%s)", stream.sid, stream.name,
+                        lookup.reason)
+            # Both policies install V=0 (transactions: C_BAD_STE); qemu-accel also fails the CFGI.
+            accepted = self.policy is CBadStePolicy.EVENT
+        hwpt: NestedHwpt | None
+        try:
+            hwpt = self._hwpt_for(stream.sid, vste)
+        except IommufdError as exc:
+            stream.error = f"HWPT_ALLOC: {exc}"
+            vste, accepted, hwpt = self._refused(stream, vste, exc)
+        if hwpt is None:
+            self._detach(stream)
+            return accepted
+        if stream.hwpt is not hwpt:
+            try:
+                self.backend.device_attach(stream.dev_id, hwpt.id)
+            except IommufdError as exc:
+                stream.error = f"attach: {exc}"
+                logger.error("SID %#x (%s): attach to nested HWPT %d failed: %s", stream.sid,
+                             stream.name, hwpt.id, exc)
+                self._detach(stream)
+                self._drop_if_unused(hwpt)
+                return accepted
+            self._release(stream)
+            hwpt.users.add(stream.sid)
+            stream.hwpt = hwpt
+            stream.on_ioas = False
+        stream.vste = vste
+        if self.trace:
+            logger.info("SID %#x (%s): %s -> vSTE %s on HWPT %d", stream.sid, stream.name,
+                        lookup.ste, vste, hwpt.id)
+        return accepted
+
+    def _refused(self, stream: Stream, vste: VsteWords,
+                 exc: IommufdError) -> tuple[VsteWords, bool, NestedHwpt | None]:
+        """The host refused ``vste``: apply the C_BAD_STE policy; return what to install."""
+        if exc.errno == errno.EIO and self.policy is CBadStePolicy.EVENT:
+            logger.warning("SID %#x (%s): host refused vSTE %s (%s): installing abort and "
+                           "reporting C_BAD_STE", stream.sid, stream.name, vste, exc)
+            fallback, accepted = INVALID_VSTE, True
+            self.record_event(encode_event(EventId.C_BAD_STE, sid=stream.sid), "cbadste-policy")
+        else:
+            # qemu-accel: the CFGI_STE fails; any other errno is a host problem, not the
+            # guest's, so the event policy keeps the queue running and only aborts.
+            accepted = self.policy is CBadStePolicy.EVENT
+            logger.warning("SID %#x (%s): host refused vSTE %s (%s): abort%s", stream.sid,
+                           stream.name, vste, exc, "" if accepted else ", CERROR_ILL")
+            fallback = ABORT_VSTE
+        try:
+            return fallback, accepted, self._hwpt_for(stream.sid, fallback)
+        except IommufdError as again:
+            logger.error("SID %#x (%s): even vSTE %s refused (%s): DMA blocked", stream.sid,
+                         stream.name, fallback, again)
+            return fallback, accepted, None
+
+    def _hwpt_for(self, sid: int, vste: VsteWords) -> NestedHwpt:
+        """The nested HWPT for ``vste``, allocated on first use. Raises IommufdError."""
+        guest = self._guest
+        assert guest is not None and guest.viommu is not None
+        hwpt = guest.hwpts.get(vste)
+        if hwpt is not None:
+            return hwpt
+        stream = self._streams[sid]
+        try:
+            hwpt_id = self.backend.hwpt_alloc(stream.dev_id, guest.viommu, data=vste)
+        except IommufdError as exc:
+            self.observer.hwpt_allocated(sid, vste, None, exc)
+            raise
+        hwpt = NestedHwpt(hwpt_id, vste)
+        guest.hwpts[vste] = hwpt
+        self.observer.hwpt_allocated(sid, vste, hwpt_id, None)
+        logger.info("SID %#x (%s): nested HWPT %d for vSTE %s", sid, stream.name, hwpt_id, vste)
+        return hwpt
+
+    def _drop_if_unused(self, hwpt: NestedHwpt) -> None:
+        if hwpt.users or hwpt.proxy or self._guest is None:
+            return
+        try:
+            self.backend.destroy(hwpt.id)
+        except IommufdError as exc:
+            logger.error("nested HWPT %d not destroyed: %s", hwpt.id, exc)
+            return
+        self._guest.hwpts.pop(hwpt.vste, None)
+
+    # ------------------------------------------------------------ events
+
+    def record_event(self, record: bytes, origin: str) -> bool:
+        """Write a 32-byte event record to the guest event queue and tell the observer."""
+        written = self.smmu.record_event(record)
+        self.observer.event_recorded(decode_event(record), written, origin)
+        return written
+
+    def _on_veventq_readable(self) -> None:
+        try:
+            self.drain_veventq()
+        except Exception:
+            # A reader callback must never take the event loop down.
+            logger.exception("vEVENTQ drain failed")
+
+    def drain_veventq(self) -> int:
+        """Read every pending vEVENTQ record into the guest event queue; return how many."""
+        guest = self._guest
+        if guest is None or guest.veventq is None:
+            return 0
+        fd = guest.veventq.fd
+        count = 0
+        while True:
+            try:
+                data = os.read(fd, _VEVENTQ_READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                logger.error("vEVENTQ fd %d read failed: %s", fd, exc)
+                break
+            if not data:
+                if self.loop is not None:
+                    self.loop.remove_reader(fd)
+                break
+            count += self._parse_records(data)
+        return count
+
+    def _parse_records(self, data: bytes) -> int:
+        count = 0
+        offset = 0
+        header = _VEVENT_HEADER.size
+        while offset + header <= len(data):
+            flags, _sequence = _VEVENT_HEADER.unpack_from(data, offset)
+            offset += header
+            if flags & uapi.VeventqFlag.LOST_EVENTS:
+                logger.warning("host vEVENTQ lost events: guest event queue overflow")
+                self.smmu.signal_event_overflow()
+                self.observer.event_overflow("veventq")
+                continue
+            record = data[offset:offset + EVENT_SIZE]
+            offset += EVENT_SIZE
+            if len(record) < EVENT_SIZE:
+                logger.error("vEVENTQ record of %d bytes: expected %d", len(record), EVENT_SIZE)
+                break
+            self.events_forwarded += 1
+            self.record_event(record, "veventq")
+            count += 1
+        return count
+
+    # ------------------------------------------------------------ transactions
+
+    def transaction(self, sid: int, iova: int, *, write: bool = False, length: int = 4,
+                    data: bytes | None = None, ssid: int | None = None) -> TransactionResult:
+        """One transaction from ``sid`` as the physical SMMU would see it (module policy).
+
+        An endpoint's transaction goes through the backend (sim only: other
+        backends cannot issue DMA); any other StreamID is judged from the
+        guest's stream table.  Events land in the guest event queue before
+        this returns.  Never raises for guest data.
+        """
+        payload = data if data is not None else bytes(length)
+        stream = self._streams.get(sid)
+        smmu = self.smmu
+        if smmu.enabled:
+            lookup = stream.lookup if stream is not None and stream.lookup is not None \
+                else smmu.lookup_ste(sid)
+            if stream is None or lookup.status not in _HOST_EVENTS:
+                event = lookup.event(ssid)
+                if event is not None:
+                    self.record_event(event.encode(), "transaction")
+                    return TransactionResult(sid, iova, write, False, event=event,
+                                             reason=f"guest STE: {lookup.status.value}")
+                if stream is None:
+                    return TransactionResult(sid, iova, write, False,
+                                             reason="no endpoint at this StreamID")
+        elif stream is None:
+            return TransactionResult(sid, iova, write, False,
+                                     reason="SMMU disabled and no endpoint at this StreamID")
+        if not isinstance(self.backend, SimIommufd):
+            return TransactionResult(sid, iova, write, False,
+                                     reason=f"the {self.backend.name} backend cannot issue DMA")
+        try:
+            if write:
+                self.backend.dma_write(stream.dev_id, iova, payload)
+                result = TransactionResult(sid, iova, write, True)
+            else:
+                read = self.backend.dma_read(stream.dev_id, iova, length)
+                result = TransactionResult(sid, iova, write, True, data=read)
+        except DmaFault as fault:
+            self.drain_veventq()
+            return TransactionResult(sid, iova, write, False, event=fault.event,
+                                     reason=str(fault))
+        except IommufdError as exc:
+            return TransactionResult(sid, iova, write, False, reason=str(exc))
+        return result
+
+    def dma_read(self, sid: int, iova: int, length: int) -> bytes:
+        """An endpoint's DMA read. Raises StreamFault when refused."""
+        result = self.transaction(sid, iova, length=length)
+        if not result.ok:
+            raise StreamFault(result)
+        return result.data
+
+    def dma_write(self, sid: int, iova: int, data: bytes) -> None:
+        """An endpoint's DMA write. Raises StreamFault when refused."""
+        result = self.transaction(sid, iova, write=True, data=data)
+        if not result.ok:
+            raise StreamFault(result)
+
+    # ------------------------------------------------------------ shutdown
+
+    def close(self) -> None:
+        """Destroy every object this translator created (guest objects, then the IOAS)."""
+        self._teardown()
+        for stream in self._streams.values():
+            self._detach(stream)
+        for gpa in list(self._ram):
+            self.unmap_guest_ram(gpa)
+        try:
+            self.backend.destroy(self.ioas)
+        except IommufdError as exc:
+            logger.error("IOAS %d not destroyed: %s", self.ioas, exc)

@@ -1,0 +1,78 @@
+"""Guest STE → iommufd vSTE: what the translator asks the host to install for a stream.
+
+The host kernel accepts a nested vSTE of two 64-bit words (``struct
+iommu_hwpt_arm_smmuv3``) and refuses, with EIO, any bit outside its
+"nesting allowed" masks (DESIGN.md §7).  The translator therefore never
+forwards a guest STE verbatim: it keeps only the allowed fields, and it
+canonicalises abort and bypass STEs to ``V | Config`` so that every abort
+stream shares one HWPT and every bypass stream another (QEMU's accelerated
+SMMUv3 does the same with its abort/bypass proxy HWPTs).
+
+How each guest STE lookup (:class:`vsmmu.smmu.SteStatus`) maps to a vSTE:
+
+========================  ==============================================
+guest STE                 vSTE installed
+========================  ==============================================
+VALID, Config=abort       ABORT_VSTE (proxy; silent abort)
+VALID, Config=bypass      BYPASS_VSTE (proxy; stage 2 only)
+VALID, Config=S1-trans    the allowed fields of words 0-1
+INVALID (V=0)             INVALID_VSTE (zero): the kernel installs an abort
+                          STE that reports C_BAD_STE for the SID
+ILLEGAL                   INVALID_VSTE, same reasoning: a transaction on an
+                          ILLEGAL STE is architecturally C_BAD_STE
+BAD_STREAMID, FETCH_ABORT ABORT_VSTE; the translator itself records the
+                          architectural event on a transaction
+========================  ==============================================
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from vsmmu.arch.ste import STE, SteConfig, ste_dwords
+from vsmmu.smmu import SteLookup, SteStatus
+
+logger = logging.getLogger(__name__)
+
+VSTE_WORD0_ALLOWED = (STE.V.inplace_mask | STE.CONFIG.inplace_mask | STE.S1FMT.inplace_mask
+                      | STE.S1CONTEXTPTR.inplace_mask | STE.S1CDMAX.inplace_mask)
+"""STE word 0 fields a nested vSTE may carry (the kernel's STRTAB_STE_0_NESTING_ALLOWED)."""
+VSTE_WORD1_ALLOWED = (STE.S1DSS.inplace_mask | STE.S1CIR.inplace_mask | STE.S1COR.inplace_mask
+                      | STE.S1CSH.inplace_mask | STE.S1STALLD.inplace_mask
+                      | STE.EATS.inplace_mask)
+"""STE word 1 fields a nested vSTE may carry (the kernel's STRTAB_STE_1_NESTING_ALLOWED)."""
+
+
+class VsteWords(NamedTuple):
+    """The two words of a vSTE; hashable, so identical vSTEs share one nested HWPT."""
+
+    word0: int
+    word1: int
+
+    def __str__(self) -> str:
+        return f"{self.word0:#018x}:{self.word1:#018x}"
+
+
+ABORT_VSTE = VsteWords(STE.V.place(1) | STE.CONFIG.place(SteConfig.ABORT), 0)
+"""The abort proxy's vSTE: valid, Config=abort (no event, architecturally)."""
+BYPASS_VSTE = VsteWords(STE.V.place(1) | STE.CONFIG.place(SteConfig.BYPASS), 0)
+"""The bypass proxy's vSTE: valid, Config=bypass (stage 2 only)."""
+INVALID_VSTE = VsteWords(0, 0)
+"""V=0: installed by the host as abort, with C_BAD_STE reported for the stream."""
+
+
+def vste_for(lookup: SteLookup) -> VsteWords:
+    """The vSTE to install for a guest STE lookup (see the module table)."""
+    status = lookup.status
+    if status is SteStatus.VALID and lookup.ste is not None:
+        config = lookup.ste.config
+        if config == SteConfig.ABORT:
+            return ABORT_VSTE
+        if config == SteConfig.BYPASS:
+            return BYPASS_VSTE
+        words = ste_dwords(lookup.ste.encode())
+        return VsteWords(words[0] & VSTE_WORD0_ALLOWED, words[1] & VSTE_WORD1_ALLOWED)
+    if status in (SteStatus.INVALID, SteStatus.ILLEGAL):
+        return INVALID_VSTE
+    return ABORT_VSTE
