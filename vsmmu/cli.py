@@ -12,6 +12,11 @@ from guest_images.debian import DebianArchiveError
 from guest_images.kernel import DEFAULT_SUITE, GuestImageError, ensure_guest, load_guest
 from qmp_harness.machine import BootError, Machine
 from qmp_harness.provision import ProvisionError, ensure_qemu, load_install
+from vsmmu.endpoints.base import EndpointError
+from vsmmu.iommufd.sim import HostPersonality
+from vsmmu.nesting import CBadStePolicy
+from vsmmu.service import BackendKind, EndpointConfig, ServiceConfig, ServiceError, serve
+from vsmmu.smmu import SmmuFeatures
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,45 @@ async def _demo(cache: Path, suite: str) -> int:
     return 0
 
 
+def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cmd = sub.add_parser("serve", help="run the vSMMU service (vfio-user functions + QMP)")
+    cmd.add_argument("--socket-dir", type=Path, required=True,
+                     help="directory for the vfio-user sockets (smmu.sock, <endpoint>.sock)")
+    cmd.add_argument("--qmp", type=Path, default=None,
+                     help="QMP socket path (default: <socket-dir>/qmp.sock)")
+    cmd.add_argument("--endpoint", action="append", default=[], metavar="SPEC",
+                     help="an endpoint behind the vSMMU, e.g. virtio-rng,sid=0x10 (repeatable)")
+    cmd.add_argument("--backend", choices=[b.value for b in BackendKind], default="sim")
+    cmd.add_argument("--host-no-ats-nested", action="store_true",
+                     help="sim host refuses a vSTE with EATS!=0 (HWPT_ALLOC fails with EIO)")
+    cmd.add_argument("--host-no-nesting", action="store_true",
+                     help="sim host SMMU without nesting support")
+    cmd.add_argument("--ats", action="store_true", help="the vSMMU advertises ATS")
+    cmd.add_argument("--ril", action="store_true", help="the vSMMU advertises range invalidation")
+    cmd.add_argument("--cbadste-policy", choices=[p.value for p in CBadStePolicy],
+                     default=CBadStePolicy.EVENT.value,
+                     help="how a guest STE the host refuses is reported (see vsmmu.nesting.policy)")
+    cmd.add_argument("--exit-on-disconnect", action="store_true",
+                     help="exit when QEMU disconnects from the SMMU function")
+    cmd.add_argument("--trace", action="store_true",
+                     help="log every register access, command and iommufd call")
+
+
+def _serve_config(args: argparse.Namespace) -> ServiceConfig:
+    return ServiceConfig(
+        socket_dir=args.socket_dir,
+        qmp_socket=args.qmp,
+        endpoints=[EndpointConfig.parse(text) for text in args.endpoint],
+        backend=BackendKind(args.backend),
+        host=HostPersonality(ats_in_nested=not args.host_no_ats_nested,
+                             nesting=not args.host_no_nesting),
+        features=SmmuFeatures(ats=args.ats, ril=args.ril),
+        cbadste_policy=CBadStePolicy(args.cbadste_policy),
+        trace=args.trace,
+        exit_on_disconnect=args.exit_on_disconnect,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen sub-command; return the exit status."""
     parser = argparse.ArgumentParser(prog="vsmmu", description=__doc__)
@@ -81,7 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
         cmd.add_argument("--suite", default=DEFAULT_SUITE, help="Debian suite of the guest kernel")
+    _add_serve_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        logging.basicConfig(level=logging.INFO if args.trace else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+        try:
+            return asyncio.run(serve(_serve_config(args)))
+        except (ServiceError, EndpointError, OSError) as exc:
+            print(f"vsmmu serve: {exc}", file=sys.stderr)
+            return 1
     logging.basicConfig(level=logging.WARNING)
     try:
         if args.command == "doctor":
