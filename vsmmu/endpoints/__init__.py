@@ -1,1 +1,42 @@
-"""Emulated PCI endpoints whose DMA goes through the iommufd backend."""
+"""Emulated PCI endpoints whose DMA goes through the iommufd backend.
+
+Public API:
+
+* :mod:`vsmmu.endpoints.base` — :class:`Endpoint`, :class:`DmaPort`,
+  :class:`EndpointError`, :class:`EndpointDmaError`, :func:`make_endpoint`;
+* :class:`~vsmmu.endpoints.virtio_pci.VirtioPciEndpoint` — the modern
+  virtio-pci transport (INTx only, VERSION_1 + ACCESS_PLATFORM);
+* :class:`~vsmmu.endpoints.virtio_rng.VirtioRng` with
+  :func:`~vsmmu.endpoints.virtio_rng.expected_stream` and
+  :func:`~vsmmu.endpoints.virtio_rng.locate_in_stream`;
+* :class:`~vsmmu.endpoints.identity.IdentityDmaPort` — no-IOMMU DMA, for
+  tests of an endpoint alone.
+"""
+
+from vsmmu.endpoints.base import (
+    DmaPort,
+    Endpoint,
+    EndpointDmaError,
+    EndpointError,
+    EndpointSpecError,
+    make_endpoint,
+)
+from vsmmu.endpoints.identity import IdentityDmaPort
+from vsmmu.endpoints.virtio_pci import VirtioPciEndpoint
+from vsmmu.endpoints.virtio_rng import VirtioRng, expected_stream, locate_in_stream
+from vsmmu.endpoints.virtqueue import VirtqueueError
+
+__all__ = [
+    "DmaPort",
+    "Endpoint",
+    "EndpointDmaError",
+    "EndpointError",
+    "EndpointSpecError",
+    "IdentityDmaPort",
+    "VirtioPciEndpoint",
+    "VirtioRng",
+    "VirtqueueError",
+    "expected_stream",
+    "locate_in_stream",
+    "make_endpoint",
+]
