@@ -163,9 +163,7 @@ class JsonFramer:
         del buf[:start]
         self._scan = i - start
         if len(buf) > self._max_message:
-            raise QmpFramingError(
-                f"QMP input message exceeds the limit of {self._max_message} bytes"
-            )
+            self._too_large()
 
     def _step_top_level(self, start: int, i: int) -> tuple[int, int]:
         """Advance over one byte between values or inside a bare top-level token."""
@@ -190,8 +188,13 @@ class JsonFramer:
         return start, i + 1
 
     def _emit(self, start: int, end: int) -> int:
+        if end - start > self._max_message:
+            self._too_large()
         self._messages.append(bytes(self._buf[start:end]))
         return end
+
+    def _too_large(self) -> None:
+        raise QmpFramingError(f"QMP input message exceeds the limit of {self._max_message} bytes")
 
     def _reset(self, start: int, at: int) -> int:
         """End the current message at the reset byte ``at``, kept so it fails to parse."""
