@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -86,10 +87,8 @@ class RawQmp:
     async def close(self) -> None:
         """Close the connection."""
         self.writer.close()
-        try:
+        with contextlib.suppress(OSError):
             await self.writer.wait_closed()
-        except OSError:
-            pass
 
 
 RawConnect = Callable[[], Awaitable[RawQmp]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -40,7 +41,7 @@ def test_any_chunking_yields_the_objects_sent(
     stream = separator.join(json.dumps(obj, ensure_ascii=ensure_ascii).encode() for obj in objects)
     framer = JsonFramer()
     bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in itertools.pairwise(bounds):
         framer.feed(stream[lo:hi])
     assert [json.loads(m) for m in drain(framer)] == objects
     assert framer.finish() is None
