@@ -16,7 +16,9 @@ index i = 0, 1, 2, ..., of
 
 so byte ``offset`` is byte ``offset % 32`` of block ``offset // 32``.
 :func:`expected_stream` returns any window of it; :func:`locate_in_stream`
-finds where a sample read by the guest starts.
+finds where a sample read by the guest starts; :func:`match_stream_blocks`
+checks a long read given as per-block SHA-256 digests, allowing for the
+chunks Linux's own hwrng kthread takes in the middle of it.
 
 The position resets to 0 on a function reset (QEMU's DEVICE_RESET, client
 disconnect, :meth:`VirtioRng.reset`), not when the driver writes status 0:
@@ -26,8 +28,10 @@ starts it again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from vsmmu.endpoints import virtio_uapi as vu
@@ -68,6 +72,70 @@ def locate_in_stream(seed: int, sample: bytes, start: int, end: int) -> int | No
     window = expected_stream(seed, start, end - start + len(sample))
     found = window.find(sample)
     return None if found < 0 or start + found >= end else start + found
+
+
+#: Every consumer in the Linux hwrng core takes multiples of 32 bytes
+#: (``add_early_randomness`` 32, the fill kthread and ``/dev/hwrng`` 64 each).
+HWRNG_GRANULE = 32
+#: Largest gap :func:`match_stream_blocks` explains inside one block.
+MAX_GAP_GRANULES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamMatch:
+    """Where a guest's read lies in the stream: its blocks, and the bytes it skipped."""
+
+    #: Stream offset of each block's first byte.
+    block_offsets: tuple[int, ...]
+    #: ``(block index, bytes skipped inside it)`` for each gap found.
+    gaps: tuple[tuple[int, int], ...]
+
+    @property
+    def skipped(self) -> int:
+        """Stream bytes other consumers took in the middle of the read."""
+        return sum(gap for _, gap in self.gaps)
+
+
+def match_stream_blocks(
+    seed: int, start: int, digests: Sequence[bytes], block_size: int
+) -> StreamMatch | None:
+    """Check a guest's read, given as the SHA-256 of each ``block_size`` block, against the stream.
+
+    The read starts at ``start``.  Linux's hwrng core serialises its readers
+    per 64-byte chunk, and its fill kthread takes a chunk now and then (every
+    ``max(1 s, uptime / 2)`` early in boot), so a long ``/dev/hwrng`` read may
+    miss whole :data:`HWRNG_GRANULE` multiples of the stream.  A block whose
+    digest is not the stream's at the expected offset is matched against the
+    stream with one such gap (up to :data:`MAX_GAP_GRANULES` granules) at any
+    granule boundary inside it.  Every byte the guest read is still checked.
+    Returns None when some block is not explained that way.
+    """
+    offset = start
+    offsets: list[int] = []
+    gaps: list[tuple[int, int]] = []
+    reach = MAX_GAP_GRANULES * HWRNG_GRANULE
+    for index, digest in enumerate(digests):
+        window = expected_stream(seed, offset, block_size + reach)
+        offsets.append(offset)
+        if hashlib.sha256(window[:block_size]).digest() == digest:
+            offset += block_size
+            continue
+        gap = _find_gap(window, block_size, digest)
+        if gap is None:
+            return None
+        gaps.append((index, gap))
+        offset += block_size + gap
+    return StreamMatch(tuple(offsets), tuple(gaps))
+
+
+def _find_gap(window: bytes, block_size: int, digest: bytes) -> int | None:
+    for cut in range(0, block_size, HWRNG_GRANULE):
+        for granules in range(1, MAX_GAP_GRANULES + 1):
+            gap = granules * HWRNG_GRANULE
+            candidate = window[:cut] + window[cut + gap : block_size + gap]
+            if hashlib.sha256(candidate).digest() == digest:
+                return gap
+    return None
 
 
 class VirtioRng(VirtioPciEndpoint):
