@@ -392,6 +392,11 @@ class QmpListener:
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._server is None:
+            # Accepted just before close(): close() cannot see this task, so
+            # refuse the client here instead of serving it on a closed monitor.
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None  # asyncio runs client callbacks in a task
         self._connections.add(task)
