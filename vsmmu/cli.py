@@ -97,6 +97,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      help="exit when QEMU disconnects from the SMMU function")
     cmd.add_argument("--trace", action="store_true",
                      help="log every register access, command and iommufd call")
+    cmd.add_argument("--log-level", choices=["debug", "info", "warning"], default="warning",
+                     help="logging level (--trace implies at least info)")
 
 
 def _serve_config(args: argparse.Namespace) -> ServiceConfig:
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(level=logging.INFO if args.trace else logging.WARNING,
+        level = getattr(logging, args.log_level.upper())
+        logging.basicConfig(level=min(level, logging.INFO) if args.trace else level,
                             format="%(asctime)s %(name)s: %(message)s")
         try:
             return asyncio.run(serve(_serve_config(args)))
