@@ -1,0 +1,535 @@
+"""The guest recipe for the nested vSMMU: service + DT + initramfs + QEMU, as one object.
+
+:class:`NestedMachine` is an async context manager that
+
+1. starts ``vsmmu serve`` as a subprocess (its log in ``<workdir>/service.log``)
+   with the endpoints of :class:`NestedConfig`, each at StreamID = its RID;
+2. dumps QEMU's virt DT, adds the ``arm,smmu-v3`` node at the BAR the guest
+   is expected to assign the SMMU function (:data:`EXPECTED_SMMU_BAR`), its
+   INTx as the ``combined`` SPI, an ``iommu-map`` covering only the endpoint
+   RIDs and, with ``ats``, ``ats-supported`` on the PCIe host node;
+3. builds an initramfs whose ``/init`` enables the SMMU function (memory
+   decoding is off after enumeration) and re-probes the arm-smmu-v3 driver
+   (DESIGN.md §5), after loading the endpoint drivers;
+4. boots QEMU with the SMMU function and the endpoints as vfio-user-pci
+   devices, verifies the BAR the guest assigned (sysfs and ``query-pci``)
+   and raises :class:`NestedBootError` naming both addresses on a mismatch;
+5. exposes QEMU's QMP (``vm``) and the service's QMP (``service_qmp``, with
+   its events in ``service_events``).
+
+Every failure raises :class:`NestedBootError` whose message is
+:meth:`NestedMachine.failure_report`: the guest console tail, the service log
+tail and the last QMP events of both sides.  Typical use::
+
+    config = NestedConfig(append=("iommu.strict=1",))
+    async with NestedMachine(env, config) as nm:
+        await nm.wait_endpoint_bound(nm.endpoints[0])
+        print(await nm.service("query-vsmmu-streams"))
+        out = await nm.sh("head -c 64 /dev/hwrng | od -An -tx1")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient, QMPError
+
+from guest_images.initramfs import InitFragment, build_initramfs
+from guest_images.kernel import GuestKernel
+from qmp_harness.console import ConsoleError
+from qmp_harness.devicetree import (
+    IommuMapEntry,
+    SmmuV3Node,
+    add_smmu_v3,
+    dump_machine_dtb,
+    pci_rid,
+    virt_intx_spi,
+    write_dtb,
+)
+from qmp_harness.machine import DEFAULT_APPEND, BootError, Machine, MachineConfig
+from qmp_harness.provision import QemuInstall
+
+log = logging.getLogger(__name__)
+
+SMMU_SLOT = 1
+"""The SMMU function's slot: first on the bus, its 128 KiB BAR the largest 32-bit one."""
+FIRST_ENDPOINT_SLOT = 2
+EXPECTED_SMMU_BAR = 0x1000_0000
+"""Where Linux puts the largest non-prefetchable BAR: the start of virt's 32-bit window."""
+INTA = 1
+PCI_DOMAIN_BUS = "0000:00"
+ATS_SUPPORTED = "ats-supported"
+"""The PCIe host-bridge DT property that lets the guest enable ATS (pci-host-ecam-generic)."""
+NESTED_APPEND = ("fw_devlink=permissive", "deferred_probe_timeout=30")
+"""Kernel options the recipe needs: endpoint drivers wait for the re-probed SMMU."""
+SERVICE_START_TIMEOUT = 30.0
+SERVICE_STOP_TIMEOUT = 10.0
+BAR_MARKER = "VSMMU-SMMU-BAR"
+BAR_TIMEOUT = 120.0
+BIND_TIMEOUT = 60.0
+TAIL_LINES = 50
+EVENT_TAIL = 20
+POLL_INTERVAL = 0.05
+RESOURCE_FIELD_START = 0
+HWRNG_CURRENT = "/sys/class/misc/hw_random/rng_current"
+HWRNG_QUALITY = "/sys/class/misc/hw_random/rng_quality"
+SMMU_DRIVER = "arm-smmu-v3"
+
+
+class NestedBootError(BootError):
+    """The nested recipe failed: service, DT, boot, BAR placement or a guest step."""
+
+
+def pci_bdf(slot: int, function: int = 0) -> str:
+    """The sysfs name of a function on bus 0, e.g. ``0000:00:02.0``."""
+    return f"{PCI_DOMAIN_BUS}:{slot:02x}.{function}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedEndpoint:
+    """One endpoint behind the vSMMU: a virtio-rng at ``slot``, SID = its RID."""
+
+    slot: int
+    seed: int = 1
+    ats: bool = False
+    kind: str = "virtio-rng"
+
+    @property
+    def name(self) -> str:
+        """The endpoint's name in the service (and its socket's base name)."""
+        return f"rng{self.slot}"
+
+    @property
+    def sid(self) -> int:
+        """Its StreamID: the requester ID QEMU gives a bus-0 function (DT maps RID → SID 1:1)."""
+        return pci_rid(0, self.slot)
+
+    @property
+    def bdf(self) -> str:
+        """Its sysfs name in the guest."""
+        return pci_bdf(self.slot)
+
+    def service_spec(self) -> str:
+        """The ``vsmmu serve --endpoint`` text."""
+        ats = "on" if self.ats else "off"
+        return f"{self.kind},sid={self.sid:#x},seed={self.seed},ats={ats},name={self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedConfig:
+    """What :class:`NestedMachine` boots (defaults: one virtio-rng at slot 2, no ATS)."""
+
+    endpoints: Sequence[NestedEndpoint] = (NestedEndpoint(FIRST_ENDPOINT_SLOT),)
+    ats: bool = False
+    """The vSMMU advertises ATS, the DT marks the root complex ``ats-supported``."""
+    host_no_ats_nested: bool = False
+    """The sim host refuses a vSTE with EATS≠0 (HWPT_ALLOC → EIO)."""
+    cbadste_policy: str | None = None
+    append: Sequence[str] = ()
+    """Extra kernel options, e.g. ``iommu.strict=1`` or ``iommu.passthrough=1``."""
+    modules: Sequence[str] = ("virtio_rng",)
+    fragments: Sequence[InitFragment] = ()
+    """Run by ``/init`` after the SMMU is re-probed."""
+    service_args: Sequence[str] = ()
+    expected_smmu_bar: int = EXPECTED_SMMU_BAR
+    memory_mib: int = 512
+    log_level: str = "info"
+
+
+def smmu_node(config: NestedConfig) -> SmmuV3Node:
+    """The DT node for ``config``: at the expected BAR, INTA of its slot, endpoint RIDs only."""
+    return SmmuV3Node(
+        base=config.expected_smmu_bar,
+        spi=virt_intx_spi(SMMU_SLOT, INTA),
+        iommu_map=[IommuMapEntry(pci_rid(0, e.slot), e.sid) for e in config.endpoints],
+    )
+
+
+def smmu_platform_device(config: NestedConfig) -> str:
+    """The platform device name Linux gives the SMMU node (``<unit-address>.<name>``)."""
+    return f"{config.expected_smmu_bar:x}.smmuv3"
+
+
+def init_fragments(config: NestedConfig) -> list[InitFragment]:
+    """The ``/init`` steps: enable the SMMU function, report its BAR, re-probe the driver."""
+    smmu = pci_bdf(SMMU_SLOT)
+    enable = InitFragment(
+        "vsmmu-enable-smmu-function",
+        f"echo 1 > /sys/bus/pci/devices/{smmu}/enable\n"
+        f'echo "{BAR_MARKER} $(head -n1 /sys/bus/pci/devices/{smmu}/resource)"\n',
+    )
+    probe = InitFragment(
+        "vsmmu-reprobe-smmu",
+        f"echo {smmu_platform_device(config)} > /sys/bus/platform/drivers_probe\n",
+    )
+    return [enable, probe, *config.fragments]
+
+
+def vfio_user_device(socket: Path, slot: int, device_id: str) -> str:
+    """The ``-device`` JSON for a vfio-user function at ``slot`` (JSON form only)."""
+    return json.dumps({
+        "driver": "vfio-user-pci", "id": device_id,
+        "socket": {"type": "unix", "path": str(socket)}, "addr": f"{slot:#x}",
+    })
+
+
+class NestedMachine:
+    """A running service + guest (module docstring).  Use ``async with``."""
+
+    def __init__(
+        self,
+        qemu: QemuInstall,
+        guest: GuestKernel,
+        config: NestedConfig | None = None,
+        *,
+        cache: Path,
+        name: str = "nested",
+    ) -> None:
+        self.qemu = qemu
+        self.guest = guest
+        self.config = config or NestedConfig()
+        self.cache = cache
+        self.name = name
+        # Unix socket paths are limited to 108 bytes: keep them short, in /tmp.
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"vsmmu-{name}-"))
+        self.socket_dir = self.workdir / "s"
+        self.service_log = self.workdir / "service.log"
+        self.service_qmp = QMPClient(f"{name}-service")
+        self.service_events: list[Mapping[str, Any]] = []
+        self._service_event_seen = asyncio.Event()
+        self._service_listener = EventListener()
+        self._service_event_task: asyncio.Task[None] | None = None
+        self._service_proc: asyncio.subprocess.Process | None = None
+        self._vm: Machine | None = None
+        self.smmu_bar: int | None = None
+
+    # -- accessors ----------------------------------------------------------
+
+    @property
+    def vm(self) -> Machine:
+        """The QEMU machine (QMP ``vm.execute``, ``vm.console``, ``vm.events``)."""
+        if self._vm is None:
+            raise NestedBootError(f"{self.name}: machine used before start()")
+        return self._vm
+
+    @property
+    def endpoints(self) -> Sequence[NestedEndpoint]:
+        """The endpoints behind the vSMMU."""
+        return self.config.endpoints
+
+    def service_argv(self) -> list[str]:
+        """The ``vsmmu serve`` command line."""
+        config = self.config
+        argv = [sys.executable, "-m", "vsmmu.cli", "serve", "--socket-dir", str(self.socket_dir),
+                "--log-level", config.log_level]
+        for endpoint in config.endpoints:
+            argv += ["--endpoint", endpoint.service_spec()]
+        if config.ats:
+            argv.append("--ats")
+        if config.host_no_ats_nested:
+            argv.append("--host-no-ats-nested")
+        if config.cbadste_policy is not None:
+            argv += ["--cbadste-policy", config.cbadste_policy]
+        return [*argv, *config.service_args]
+
+    def machine_config(self, dtb: Path | None = None) -> MachineConfig:
+        """The QEMU configuration: kernel, initramfs, DT, vfio-user devices."""
+        config = self.config
+        initrd = build_initramfs(self.guest, self.cache / "initramfs",
+                                 modules=config.modules, fragments=init_fragments(config))
+        devices = [vfio_user_device(self.socket_dir / "smmu.sock", SMMU_SLOT, "vsmmu")]
+        devices += [vfio_user_device(self.socket_dir / f"{e.name}.sock", e.slot, e.name)
+                    for e in config.endpoints]
+        append = " ".join([DEFAULT_APPEND, *NESTED_APPEND, *config.append])
+        return MachineConfig(kernel=self.guest.image, initrd=initrd, append=append,
+                             memory_mib=config.memory_mib, dtb=dtb, devices=devices)
+
+    def write_dtb(self, dest: Path) -> Path:
+        """Dump QEMU's DT, add the SMMU node (and ``ats-supported``), write it to ``dest``."""
+        tree = dump_machine_dtb(self.qemu, self.machine_config())
+        add_smmu_v3(tree, smmu_node(self.config))
+        if self.config.ats:
+            tree.root.find(smmu_node(self.config).pcie_node).properties[ATS_SUPPORTED] = b""
+        dest.write_bytes(write_dtb(tree))
+        return dest
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self, *, boot_timeout: float = BAR_TIMEOUT) -> None:
+        """Start the service, boot the guest to its shell, verify the SMMU BAR.
+
+        Raises NestedBootError (with the full failure report) on any failure.
+        """
+        try:
+            await self._start_service()
+            dtb = self.write_dtb(self.workdir / "nested.dtb")
+            self._vm = Machine(self.qemu, self.machine_config(dtb), name=self.name)
+            await self._vm.start()
+            await self.verify_smmu_bar(boot_timeout)
+            await self._vm.wait_ready(boot_timeout)
+        except NestedBootError:
+            raise
+        except (BootError, ConsoleError, QMPError, OSError, TimeoutError) as exc:
+            raise NestedBootError(self.failure_report(f"start failed: {exc}")) from exc
+
+    async def _start_service(self) -> None:
+        argv = self.service_argv()
+        log.info("%s: starting the service: %s", self.name, " ".join(argv))
+        with open(self.service_log, "wb") as out:
+            self._service_proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )
+        qmp_socket = self.socket_dir / "qmp.sock"
+        async with asyncio.timeout(SERVICE_START_TIMEOUT):
+            while True:
+                if self._service_proc.returncode is not None:
+                    raise NestedBootError(self.failure_report(
+                        f"vsmmu serve exited with status {self._service_proc.returncode}"))
+                if qmp_socket.exists():
+                    with contextlib.suppress(ConnectionRefusedError, FileNotFoundError):
+                        await self.service_qmp.connect(str(qmp_socket))
+                        break
+                await asyncio.sleep(POLL_INTERVAL)
+        self.service_qmp.register_listener(self._service_listener)
+        self._service_event_task = asyncio.create_task(self._collect_service_events(),
+                                                        name=f"{self.name}-service-events")
+
+    async def _collect_service_events(self) -> None:
+        async for event in self._service_listener:
+            log.debug("%s service event: %s", self.name, event)
+            self.service_events.append(event)
+            self._service_event_seen.set()
+
+    async def verify_smmu_bar(self, timeout: float = BAR_TIMEOUT) -> int:
+        """Wait for ``/init`` to enable the SMMU function; check sysfs and ``query-pci``.
+
+        Both must show the BAR at ``expected_smmu_bar`` (the DT's ``reg``).
+        Returns the address; raises NestedBootError naming both on a mismatch.
+        """
+        match = await self.vm.console.wait_for(re.compile(rf"{BAR_MARKER} (\S+)"), timeout)
+        sysfs = int(match.group(1), 16)
+        functions = await self.vm.query_pci()
+        smmu = next((f for f in functions if f["slot"] == SMMU_SLOT), None)
+        regions = smmu["regions"] if smmu is not None else []
+        qmp = regions[0]["address"] if regions else None
+        expected = self.config.expected_smmu_bar
+        if sysfs != expected or qmp != expected:
+            raise NestedBootError(self.failure_report(
+                f"SMMU function {pci_bdf(SMMU_SLOT)} BAR0: guest sysfs {sysfs:#x}, query-pci "
+                f"{qmp if qmp is None else hex(qmp)}; the DT node was written for {expected:#x}. "
+                "Another function's BAR must have been placed first: make the SMMU BAR the "
+                "largest 32-bit non-prefetchable one on bus 0."))
+        self.smmu_bar = sysfs
+        return sysfs
+
+    async def close(self) -> None:
+        """Shut QEMU down, stop the service (SIGTERM, then SIGKILL), remove the workdir."""
+        if self._vm is not None:
+            try:
+                await self._vm.shutdown()
+            except Exception:  # the service must still be stopped
+                log.exception("%s: QEMU shutdown failed", self.name)
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self.service_qmp.disconnect()
+        if self._service_event_task is not None:
+            self._service_event_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._service_event_task
+            self._service_event_task = None
+        proc = self._service_proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(SERVICE_STOP_TIMEOUT):
+                    await proc.wait()
+            except TimeoutError:
+                log.warning("%s: vsmmu serve ignored SIGTERM, killing", self.name)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def __aenter__(self) -> NestedMachine:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- QMP and guest helpers ----------------------------------------------
+
+    async def service(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run a command on the service's QMP (raises qemu.qmp.ExecuteError)."""
+        return await self.service_qmp.execute(command, arguments)
+
+    async def wait_service_event(
+        self, name: str, timeout: float, *, since: int = 0,
+        match: Mapping[str, object] | None = None,
+    ) -> Mapping[str, Any]:
+        """The first service event ``name`` at index >= ``since`` whose data has ``match``.
+
+        Raises TimeoutError if none arrives in time.
+        """
+        wanted = dict(match or {})
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in self.service_events[since:]:
+                    data = event.get("data", {})
+                    if event["event"] == name and all(data.get(k) == v
+                                                      for k, v in wanted.items()):
+                        return event
+                self._service_event_seen.clear()
+                await self._service_event_seen.wait()
+
+    async def sh(self, command: str, timeout: float = 60.0) -> str:
+        """Run ``command`` in the guest; return its output. Raises NestedBootError on status≠0."""
+        output, status = await self.vm.console.run(command, timeout=timeout)
+        if status != 0:
+            raise NestedBootError(self.failure_report(
+                f"guest command {command!r} exited with {status}: {output.strip()}"))
+        return output.strip()
+
+    async def dmesg(self, pattern: str | None = None) -> str:
+        """The guest kernel log (lines matching the extended regex ``pattern``)."""
+        grep = f" | grep -E '{pattern}'" if pattern else ""
+        output, _ = await self.vm.console.run(f"dmesg{grep}")
+        return output
+
+    async def wait_guest(self, condition: str, timeout: float = BIND_TIMEOUT) -> None:
+        """Poll the shell ``condition`` in the guest until it holds (NestedBootError after)."""
+        ticks = int(timeout / 0.1)
+        await self.sh(
+            f"i=0; until {condition}; do i=$((i+1)); [ $i -gt {ticks} ] && exit 1; "
+            "sleep 0.1; done", timeout=timeout + 10)
+
+    async def wait_endpoint_bound(self, endpoint: NestedEndpoint,
+                                  timeout: float = BIND_TIMEOUT) -> None:
+        """Wait until the endpoint's driver is bound and its hwrng is the current one."""
+        await self.wait_guest(f"[ -e /sys/bus/pci/devices/{endpoint.bdf}/driver ]", timeout)
+        if endpoint.kind == "virtio-rng":
+            await self.wait_guest(f"grep -q virtio_rng {HWRNG_CURRENT} 2>/dev/null", timeout)
+
+    async def iommu_group(self, endpoint: NestedEndpoint) -> str | None:
+        """The guest IOMMU group number of ``endpoint`` (None without one)."""
+        output, status = await self.vm.console.run(
+            f"basename $(readlink /sys/bus/pci/devices/{endpoint.bdf}/iommu_group)")
+        return output.strip() if status == 0 and output.strip() else None
+
+    async def read_hwrng(self, length: int, block: int = 4096) -> HwrngSample:
+        """Read ``length`` bytes of ``/dev/hwrng`` in the guest; digests for checking.
+
+        The kernel's hwrng fill thread is stopped first (``rng_quality`` 0), so
+        normally the read is one contiguous window of the stream.
+        """
+        blocks = length // block
+        await self.vm.console.run(f"echo 0 > {HWRNG_QUALITY}")
+        out = await self.sh(
+            f"dd if=/dev/hwrng of=/tmp/rng bs={block} count={blocks} 2>/dev/null && "
+            f"wc -c < /tmp/rng && od -An -tx1 -v -N{PROBE_BYTES} /tmp/rng | tr -d ' \\n' && "
+            "echo && sha256sum /tmp/rng && "
+            f"i=0; while [ $i -lt {blocks} ]; do "
+            f"dd if=/tmp/rng bs={block} skip=$i count=1 2>/dev/null | sha256sum; "
+            "i=$((i+1)); done; rm /tmp/rng", timeout=max(120.0, length / 8192))
+        lines = out.splitlines()
+        return HwrngSample(
+            length=int(lines[0]), probe=bytes.fromhex(lines[1]),
+            digest=bytes.fromhex(lines[2].split()[0]), block=block,
+            block_digests=[bytes.fromhex(line.split()[0]) for line in lines[3:]])
+
+    # -- failure reports ------------------------------------------------------
+
+    def service_log_tail(self, lines: int = TAIL_LINES) -> str:
+        """The last lines ``vsmmu serve`` logged."""
+        if not self.service_log.exists():
+            return "(no service log)"
+        return "\n".join(self.service_log.read_text(errors="replace").splitlines()[-lines:])
+
+    def failure_report(self, reason: str) -> str:
+        """``reason``, then the console tail, the service log tail, both sides' last events."""
+        console = self._vm.console.tail(TAIL_LINES) if self._vm and self._vm._console \
+            else "(no console)"
+        qemu_events = self._vm.events[-EVENT_TAIL:] if self._vm else []
+        stderr = self._vm.stderr_text() if self._vm else ""
+        status = self._service_proc.returncode if self._service_proc else None
+        return (
+            f"{self.name}: {reason}\n"
+            f"--- guest console, last {TAIL_LINES} lines ---\n{console}\n"
+            f"--- vsmmu service log ({self.service_log}, exit status {status}), "
+            f"last {TAIL_LINES} lines ---\n{self.service_log_tail()}\n"
+            f"--- last {EVENT_TAIL} QEMU QMP events ---\n{_format_events(qemu_events)}\n"
+            f"--- last {EVENT_TAIL} service QMP events ---\n"
+            f"{_format_events(self.service_events[-EVENT_TAIL:])}\n"
+            f"--- QEMU stderr ---\n{stderr}"
+        )
+
+
+PROBE_BYTES = 32
+"""Bytes of a sample used to find where it starts in the endpoint's stream."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HwrngSample:
+    """What the guest read from ``/dev/hwrng``, as digests (the data stays in the guest)."""
+
+    length: int
+    probe: bytes
+    """Its first :data:`PROBE_BYTES` bytes."""
+    digest: bytes
+    """SHA-256 of all of it."""
+    block: int
+    block_digests: list[bytes]
+
+    def sha256_hex(self) -> str:
+        """The whole-sample digest as the guest's ``sha256sum`` printed it."""
+        return self.digest.hex()
+
+
+def sha256_hex(data: bytes) -> str:
+    """SHA-256 of ``data`` as hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _format_events(events: Sequence[Mapping[str, Any]]) -> str:
+    if not events:
+        return "(none)"
+    return "\n".join(json.dumps(dict(e), default=str, sort_keys=True) for e in events)
+
+
+__all__ = [
+    "EXPECTED_SMMU_BAR",
+    "SMMU_SLOT",
+    "HwrngSample",
+    "NestedBootError",
+    "NestedConfig",
+    "NestedEndpoint",
+    "NestedMachine",
+    "init_fragments",
+    "pci_bdf",
+    "smmu_node",
+    "vfio_user_device",
+]
