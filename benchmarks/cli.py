@@ -1,0 +1,96 @@
+"""Command line: ``python -m benchmarks --cache .cache [--quick] [--only B4,B5] [--json PATH]``.
+
+Runs the chosen benchmarks in one process, prints one table and writes the
+JSON file.  Exit status 0 when every chosen benchmark produced its figures
+or said why it could not; 1 when one of them failed (a broken path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import b4_commands, b5_translation
+from benchmarks.report import (
+    BenchmarkError,
+    Section,
+    Settings,
+    environment,
+    render_table,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPEATS = 5
+BENCHMARKS: dict[str, tuple[str, Callable[[Settings], Section]]] = {
+    "B4": (b4_commands.__doc__ or "", b4_commands.run),
+    "B5": (b5_translation.__doc__ or "", b5_translation.run),
+}
+"""Benchmark id -> (description, run function), in the order the table shows them."""
+
+
+def _parse_only(text: str) -> list[str]:
+    chosen = [part.strip().upper() for part in text.split(",") if part.strip()]
+    unknown = [c for c in chosen if c not in BENCHMARKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(BENCHMARKS)}")
+    return chosen
+
+
+def run_benchmarks(settings: Settings, chosen: list[str]) -> tuple[list[Section], list[str]]:
+    """Run ``chosen`` benchmarks; return their sections and the failures (as messages)."""
+    sections: list[Section] = []
+    failures: list[str] = []
+    for bench_id in chosen:
+        _doc, run = BENCHMARKS[bench_id]
+        start = time.monotonic()
+        logger.info("running %s", bench_id)
+        try:
+            sections.append(run(settings))
+        except BenchmarkError as exc:
+            failures.append(f"{bench_id}: {exc}")
+            failed = Section(bench_id, "failed")
+            failed.missing(bench_id, bench_id, f"failed: {exc}")
+            sections.append(failed)
+        logger.info("%s took %.1f s", bench_id, time.monotonic() - start)
+    return sections, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks``."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"),
+                        help="the provisioned cache (QEMU, guest kernel)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one repeat, smallest sizes (a smoke run, not a measurement)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"samples per figure (default {DEFAULT_REPEATS}, 1 with --quick)")
+    parser.add_argument("--only", type=_parse_only, default=list(BENCHMARKS),
+                        help="comma-separated benchmark ids, e.g. B4,B5")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the JSON (default <cache>/bench/results.json)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else DEFAULT_REPEATS)
+    if repeats < 1:
+        parser.error(f"--repeats {repeats}: expected at least 1")
+    settings = Settings(cache=args.cache, repeats=repeats, quick=args.quick)
+    started = time.monotonic()
+    sections, failures = run_benchmarks(settings, args.only)
+    env = environment(args.cache)
+    table = render_table(sections, env, settings)
+    print(table)
+    json_path = args.json if args.json is not None else args.cache / "bench" / "results.json"
+    write_json(json_path, sections, env, settings)
+    print(f"\n{time.monotonic() - started:.0f} s; JSON written to {json_path}")
+    for failure in failures:
+        print(f"FAILED {failure}")
+    return 1 if failures else 0
