@@ -473,6 +473,7 @@ class Service:
             "nesting-error": translator.nesting_error,
             "guest-objects": sorted(translator.guest_object_ids()),
             "events-forwarded": translator.events_forwarded,
+            "invalidations": translator.invalidations,
         }
 
     def _qmp_query_streams(self, args: Arguments) -> list[dict[str, object]]:
