@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import b4_commands, b5_translation
+from benchmarks import b3_trap, b4_commands, b5_translation
 from benchmarks.report import (
     BenchmarkError,
     Section,
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REPEATS = 5
 BENCHMARKS: dict[str, tuple[str, Callable[[Settings], Section]]] = {
+    "B3": (b3_trap.__doc__ or "", b3_trap.run),
     "B4": (b4_commands.__doc__ or "", b4_commands.run),
     "B5": (b5_translation.__doc__ or "", b5_translation.run),
 }

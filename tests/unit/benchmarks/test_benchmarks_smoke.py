@@ -76,3 +76,11 @@ def test_b5_broken_table_is_an_error_not_a_figure() -> None:
 def test_insane_samples_are_refused(samples: list[float]) -> None:
     with pytest.raises(BenchmarkError):
         Figure("B0.x", "x", "u", samples, higher_is_better=True).check_sane()
+
+
+def test_b3_floor_only_reports_guest_figures_as_not_measured() -> None:
+    from benchmarks import b3_trap
+    section = b3_trap.run(QUICK, guest=False)
+    (floor,) = section.figures
+    assert floor.key == "B3.floor" and floor.median > 0
+    assert {m.key for m in section.not_measured} == {"B3.ours", "B3.qemu"}

@@ -1,0 +1,185 @@
+"""B3: trap round trip — µs per guest read of an SMMU ID register (IDR0).
+
+A hand-assembled static program (:mod:`benchmarks.a64`) in the guest maps the
+register page through ``/dev/mem`` and times a tight loop of 32-bit loads,
+then the same loop over an anonymous RAM page; per read = (MMIO - RAM) / N.
+It runs against
+
+* **ours**: IDR0 in BAR 0 of our vSMMU function (vfio-user REGION_READ to
+  the service for every load), in the e2e recipe's guest;
+* **QEMU's**: IDR0 of ``virt,iommu=smmuv3`` at 0x09050000 (in-process MMIO);
+* **floor**: on the host, in the same run, a minimal echo over a unix socket
+  pair between two processes with the message sizes of a vfio-user
+  REGION_READ of 4 bytes (request = header + offset/region/count; reply =
+  the same + the data).
+
+Each guest gets one boot; the program runs ``repeats`` times in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+
+from benchmarks import guests
+from benchmarks.a64 import RESULT_SIZE, mmio_loop_elf
+from benchmarks.report import BenchmarkError, Section, Settings
+from qmp_harness.console import Console, ConsoleError
+from qmp_harness.nested import EXPECTED_SMMU_BAR
+from vsmmu.arch.registers import Reg
+from vsmmu.smmu import SmmuFeatures
+from vsmmu.vfio_user.uapi import HEADER_SIZE, REGION_RW
+
+logger = logging.getLogger(__name__)
+
+REGISTER_BYTES = 4
+REQUEST_SIZE = HEADER_SIZE + REGION_RW.size
+REPLY_SIZE = REQUEST_SIZE + REGISTER_BYTES
+FLOOR_ROUND_TRIPS = 20_000
+QUICK_FLOOR_ROUND_TRIPS = 500
+OURS_READS = 3_000
+QUICK_OURS_READS = 200
+QEMU_READS = 200_000
+QUICK_QEMU_READS = 5_000
+PROBE_PATH = "/bin/bench-mmio"
+QEMU_SMMU_BASE_IDR0 = guests.QEMU_SMMU_BASE + Reg.IDR0
+RUN_TIMEOUT = 120.0
+NS_PER_US = 1000.0
+US_PER_S = 1e6
+_NUMBER = re.compile(r"\d+")
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def socket_floor(round_trips: int) -> float:
+    """µs per request/reply round trip over a unix socket pair to a forked echo process."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the echo process: reply REPLY_SIZE bytes to every REQUEST_SIZE request
+        ours.close()
+        reply = bytes(REPLY_SIZE)
+        try:
+            while len(_recv_exactly(theirs, REQUEST_SIZE)) == REQUEST_SIZE:
+                theirs.sendall(reply)
+        finally:
+            os._exit(0)
+    theirs.close()
+    request = bytes(REQUEST_SIZE)
+    try:
+        start = time.perf_counter_ns()
+        for _ in range(round_trips):
+            ours.sendall(request)
+            if len(_recv_exactly(ours, REPLY_SIZE)) != REPLY_SIZE:
+                raise BenchmarkError(f"echo process closed the socket, expected a "
+                                     f"{REPLY_SIZE}-byte reply")
+        elapsed = time.perf_counter_ns() - start
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    return elapsed / round_trips / NS_PER_US
+
+
+async def run_probe(console: Console, reads: int) -> tuple[float, int]:
+    """Run the probe once; return (µs per register read, RAM loop subtracted; value read)."""
+    try:
+        out, status = await console.run(f"{PROBE_PATH} | od -An -tu8", RUN_TIMEOUT)
+    except ConsoleError as exc:
+        raise BenchmarkError(f"{PROBE_PATH}: {exc}") from exc
+    numbers = [int(n) for n in _NUMBER.findall(out)]
+    if status != 0 or len(numbers) != RESULT_SIZE // 8:
+        raise BenchmarkError(f"{PROBE_PATH}: status {status}, output {out!r}; expected three "
+                             "numbers (MMIO ns, RAM ns, register value)")
+    mmio_ns, ram_ns, value = numbers
+    if mmio_ns <= ram_ns:
+        raise BenchmarkError(f"{PROBE_PATH}: MMIO loop {mmio_ns} ns <= RAM loop {ram_ns} ns, "
+                             "expected the register reads to trap")
+    return (mmio_ns - ram_ns) / reads / NS_PER_US, value
+
+
+async def probe_series(console: Console, reads: int, repeats: int,
+                       check: Callable[[int], None]) -> list[float]:
+    """``repeats`` probe runs; ``check`` vets the register value of each."""
+    samples = []
+    for _ in range(repeats):
+        per_read, value = await run_probe(console, reads)
+        check(value)
+        samples.append(per_read)
+    return samples
+
+
+def _expect_value(expected: int, where: str) -> Callable[[int], None]:
+    def check(value: int) -> None:
+        if value != expected:
+            raise BenchmarkError(f"{where}: IDR0 read {value:#x}, expected {expected:#x}")
+    return check
+
+
+def _expect_nonzero(where: str) -> Callable[[int], None]:
+    def check(value: int) -> None:
+        if value == 0:
+            raise BenchmarkError(f"{where}: IDR0 read 0, expected the SMMU's ID register")
+    return check
+
+
+async def _guest_samples(settings: Settings) -> tuple[list[float], list[float], int]:
+    env = guests.environment(settings.cache)
+    ours_reads = QUICK_OURS_READS if settings.quick else OURS_READS
+    qemu_reads = QUICK_QEMU_READS if settings.quick else QEMU_READS
+    ours_idr0 = SmmuFeatures().id_registers()[Reg.IDR0]
+    qemu_fragment = guests.program_fragment(
+        "mmio-qemu", PROBE_PATH, mmio_loop_elf(QEMU_SMMU_BASE_IDR0, qemu_reads))
+    qemu_idr0 = 0
+
+    def remember(value: int) -> None:
+        nonlocal qemu_idr0
+        _expect_nonzero("QEMU SMMUv3")(value)
+        qemu_idr0 = value
+
+    async with guests.qemu_smmu_guest(env, fragments=[qemu_fragment],
+                                      append=[guests.RELAXED_IOMEM]) as vm:
+        qemu = await probe_series(vm.console, qemu_reads, settings.repeats, remember)
+    ours_fragment = guests.program_fragment(
+        "mmio-ours", PROBE_PATH, mmio_loop_elf(EXPECTED_SMMU_BAR + Reg.IDR0, ours_reads))
+    async with guests.our_guest(env, fragments=[ours_fragment],
+                                append=[guests.RELAXED_IOMEM]) as nested:
+        ours = await probe_series(nested.vm.console, ours_reads, settings.repeats,
+                                  _expect_value(ours_idr0, "our vSMMU"))
+    return ours, qemu, qemu_idr0
+
+
+def run(settings: Settings, *, guest: bool = True) -> Section:
+    """Measure B3 (module docstring); ``guest=False`` measures the floor only."""
+    section = Section("B3", "trap round trip: guest read of SMMU IDR0")
+    trips = QUICK_FLOOR_ROUND_TRIPS if settings.quick else FLOOR_ROUND_TRIPS
+    floor = section.figure("B3.floor", f"unix socket echo {REQUEST_SIZE} B -> {REPLY_SIZE} B "
+                           "(floor)", "µs", [socket_floor(trips) for _ in range(settings.repeats)],
+                           higher_is_better=False)
+    if not guest:
+        for key, label in (("B3.ours", "IDR0 read, our vSMMU"),
+                           ("B3.qemu", "IDR0 read, QEMU SMMUv3")):
+            section.missing(key, label, "guest runs skipped (floor only)")
+        return section
+    ours_samples, qemu_samples, qemu_idr0 = asyncio.run(_guest_samples(settings))
+    ours = section.figure("B3.ours", "IDR0 read, our vSMMU (vfio-user BAR)", "µs", ours_samples,
+                          higher_is_better=False)
+    qemu = section.figure("B3.qemu", "IDR0 read, QEMU SMMUv3 (in-process)", "µs", qemu_samples,
+                          higher_is_better=False)
+    section.ratio("B3.ratio_qemu", "IDR0 read: ours / QEMU", ours, qemu)
+    section.ratio("B3.ratio_floor", "IDR0 read: ours / socket floor", ours, floor)
+    section.notes.append(f"tight loop of ldr w over /dev/mem minus the same loop over RAM; "
+                         f"QEMU's IDR0 read {qemu_idr0:#x}; floor is Python<->Python, two "
+                         "processes, blocking sockets")
+    return section

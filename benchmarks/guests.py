@@ -1,0 +1,92 @@
+"""Booting the two guests the benchmarks compare, with the same kernel and initramfs tools.
+
+* **ours**: :class:`qmp_harness.nested.NestedMachine` — ``vsmmu serve`` with a
+  virtio-rng endpoint behind our vSMMU (a vfio-user PCI function);
+* **QEMU's**: ``-machine virt,iommu=smmuv3`` with QEMU's own
+  ``virtio-rng-pci`` (``iommu_platform=on``, so its DMA goes through QEMU's
+  SMMUv3 as ours goes through our vSMMU).
+
+Programs for the guest are put into the initramfs by an :class:`InitFragment`
+that decodes them from base64 (the console is too slow to type them).
+Every wait has a timeout; a failed boot becomes a BenchmarkError whose
+message is the harness's failure report.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from benchmarks.report import BenchmarkError
+from guest_images.initramfs import InitFragment
+from qmp_harness.fixtures import GuestEnvironment, provision_environment
+from qmp_harness.machine import DEFAULT_APPEND, BootError, Machine
+from qmp_harness.nested import NestedConfig, NestedMachine
+
+logger = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 180.0
+QEMU_SMMU_MACHINE_OPTION = "iommu=smmuv3"
+QEMU_SMMU_BASE = 0x0905_0000
+"""QEMU virt's own SMMUv3 (DESIGN.md §5)."""
+QEMU_RNG_SLOT = 2
+"""The same slot our endpoint uses, so both guests see the rng at 0000:00:02.0."""
+RELAXED_IOMEM = "iomem=relaxed"
+"""Lets /dev/mem map a register range a driver claimed (Debian sets IO_STRICT_DEVMEM)."""
+
+
+def qemu_rng_device() -> str:
+    """QEMU's virtio-rng-pci behind its SMMUv3 (modern only, DMA through the IOMMU)."""
+    return json.dumps({"driver": "virtio-rng-pci", "addr": f"{QEMU_RNG_SLOT:#x}",
+                       "disable-legacy": "on", "iommu_platform": True})
+
+
+def program_fragment(name: str, path: str, program: bytes) -> InitFragment:
+    """An ``/init`` step writing ``program`` to ``path`` as an executable."""
+    text = base64.b64encode(program).decode()
+    return InitFragment(f"bench-{name}", f"echo {text} | base64 -d > {path}\nchmod 755 {path}\n")
+
+
+def environment(cache: Path) -> GuestEnvironment:
+    """QEMU and the guest kernel from ``cache`` (provisioned on demand)."""
+    return provision_environment(cache.resolve())
+
+
+@contextlib.asynccontextmanager
+async def qemu_smmu_guest(env: GuestEnvironment, *, fragments: Sequence[InitFragment] = (),
+                          append: Sequence[str] = (), modules: Sequence[str] = ("virtio_rng",),
+                          ) -> AsyncIterator[Machine]:
+    """A guest on ``virt,iommu=smmuv3`` with QEMU's virtio-rng-pci, booted to its shell."""
+    config = env.machine_config(modules=modules, fragments=fragments,
+                                devices=[qemu_rng_device()],
+                                append=" ".join([DEFAULT_APPEND, *append]))
+    config = dataclasses.replace(config, machine_options=[QEMU_SMMU_MACHINE_OPTION])
+    vm = Machine(env.qemu, config, name="bench-qemu-smmu")
+    try:
+        await vm.start()
+        await vm.wait_ready(BOOT_TIMEOUT)
+        yield vm
+    except BootError as exc:
+        raise BenchmarkError(f"QEMU-SMMUv3 guest: {exc}") from exc
+    finally:
+        await vm.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def our_guest(env: GuestEnvironment, *, fragments: Sequence[InitFragment] = (),
+                    append: Sequence[str] = ()) -> AsyncIterator[NestedMachine]:
+    """A guest with our vSMMU and its virtio-rng endpoint (the e2e recipe), at its shell."""
+    config = NestedConfig(fragments=tuple(fragments), append=tuple(append))
+    nested = NestedMachine(env.qemu, env.guest, config, cache=env.cache, name="bench-ours")
+    try:
+        await nested.start(boot_timeout=BOOT_TIMEOUT)
+        yield nested
+    except BootError as exc:
+        raise BenchmarkError(f"vSMMU guest: {exc}") from exc
+    finally:
+        await nested.close()
