@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import struct
 
-from vsmmu.arch.fields import DWORD_MASK, Field, RecordLayout
+from vsmmu.arch.fields import DWORD_MASK, ArchError, Field, RecordLayout
 
 logger = logging.getLogger(__name__)
 
 STE_SIZE = 64
 L1_STD_SIZE = 8
+_STE_DWORDS = struct.Struct("<8Q")
+_L1_STD_DWORD = struct.Struct("<Q")
 
 
 class SteConfig(enum.IntEnum):
@@ -176,6 +179,11 @@ class Ste:
         """Decode 64 little-endian bytes. Raises ArchError if ``data`` is short."""
         return cls(**STE.LAYOUT.decode(data))
 
+    @classmethod
+    def from_words(cls, words: tuple[int, ...]) -> Ste:
+        """Decode the eight double words :func:`ste_words` returns (same result as decode)."""
+        return cls(**STE.LAYOUT.decode_words(words))
+
     def encode(self) -> bytes:
         """Encode to 64 little-endian bytes. Raises ArchError if a field does not fit."""
         return STE.LAYOUT.encode(dataclasses.asdict(self))
@@ -192,6 +200,28 @@ class Ste:
         return (f"STE(V={self.v} Config={self.config_name} S1Fmt={self.s1fmt} "
                 f"S1ContextPtr={self.s1_context_ptr:#x} S1CDMax={self.s1cdmax} "
                 f"S1DSS={self.s1dss} EATS={self.eats} STRW={self.strw})")
+
+
+def ste_words(data: bytes | bytearray | memoryview) -> tuple[int, ...]:
+    """The eight double words of a 64-byte STE, in one unpack (the model's fast path).
+
+    Raises ArchError if ``data`` is not exactly :data:`STE_SIZE` bytes.
+    """
+    if len(data) != STE_SIZE:
+        raise ArchError(f"STE of {len(data)} bytes: expected {STE_SIZE}")
+    return _STE_DWORDS.unpack(data)
+
+
+def l1_std_fields(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """``(Span, L2Ptr)`` of an 8-byte level-1 descriptor, without building an :class:`L1Std`.
+
+    Raises ArchError if ``data`` is not exactly :data:`L1_STD_SIZE` bytes.
+    """
+    if len(data) != L1_STD_SIZE:
+        raise ArchError(f"level-1 stream table descriptor of {len(data)} bytes: "
+                        f"expected {L1_STD_SIZE}")
+    (dword,) = _L1_STD_DWORD.unpack(data)
+    return L1STD.SPAN.get(dword), L1STD.L2PTR.get(dword)
 
 
 def ste_dwords(data: bytes | bytearray | memoryview) -> tuple[int, ...]:

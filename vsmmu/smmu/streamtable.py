@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import logging
 
 from vsmmu.arch.cd import (
@@ -51,21 +52,27 @@ from vsmmu.arch.events import EVT, Event, EventId
 from vsmmu.arch.registers import StrtabFmt
 from vsmmu.arch.ste import (
     L1_STD_SIZE,
+    STE,
     STE_SIZE,
     Eats,
-    L1Std,
     S1Fmt,
     Ste,
     SteConfig,
     Strw,
     id_fits,
+    l1_std_fields,
     l2_span_holds,
+    ste_words,
     strtab_split_index,
 )
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import GuestMemory, GuestMemoryError, StreamTableConfig
 
 logger = logging.getLogger(__name__)
+
+_STE_CONFIGS = frozenset(int(c) for c in SteConfig)
+_S1_FMTS = frozenset(int(f) for f in S1Fmt)
+
 
 class SteStatus(enum.Enum):
     """Outcome of looking up the STE of a StreamID."""
@@ -90,13 +97,23 @@ class CdStatus(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class SteLookup:
-    """The STE of ``sid``: where it was (``address``), what it says, and whether it is usable."""
+    """The STE of ``sid``: where it was (``address``), what it says, and whether it is usable.
+
+    ``words`` are the eight raw double words fetched (None when nothing was
+    fetched); :attr:`ste` decodes them on first use, so the command path,
+    which needs only the status and words 0-1, never builds a :class:`Ste`.
+    """
 
     sid: int
     status: SteStatus
-    ste: Ste | None = None
+    words: tuple[int, ...] | None = None
     address: int | None = None
     reason: str = ""
+
+    @functools.cached_property
+    def ste(self) -> Ste | None:
+        """The fetched STE decoded by field, or None if nothing was fetched."""
+        return None if self.words is None else Ste.from_words(self.words)
 
     def event(self, ssid: int | None = None) -> Event | None:
         """The event a transaction from ``sid`` (and ``ssid``) records, or None if VALID."""
@@ -160,7 +177,11 @@ def stream_table_config(features: SmmuFeatures, base: int, fmt: int, log2size: i
 
 def lookup_ste(memory: GuestMemory, features: SmmuFeatures, table: StreamTableConfig,
                sid: int) -> SteLookup:
-    """Find, fetch and classify the STE of ``sid``; never raises for guest data."""
+    """Find, fetch and classify the STE of ``sid``; never raises for guest data.
+
+    Works on raw double words (one unpack per descriptor) because every
+    CMD_CFGI_STE comes through here.
+    """
     if not id_fits(sid, table.log2size):
         return SteLookup(sid, SteStatus.BAD_STREAMID,
                          reason=f"SID {sid:#x} >= 2**{table.log2size} stream table entries")
@@ -168,55 +189,67 @@ def lookup_ste(memory: GuestMemory, features: SmmuFeatures, table: StreamTableCo
         l1_index, l2_index = strtab_split_index(sid, table.split)
         l1_address = table.base + l1_index * L1_STD_SIZE
         try:
-            l1 = L1Std.decode(memory.read(l1_address, L1_STD_SIZE))
+            span, l2ptr = l1_std_fields(memory.read(l1_address, L1_STD_SIZE))
         except GuestMemoryError as exc:
             return SteLookup(sid, SteStatus.FETCH_ABORT, address=l1_address, reason=str(exc))
-        if l1.span == 0 or l1.span > table.split + 1:
+        if span == 0 or span > table.split + 1:
             return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
-                             reason=f"level-1 Span={l1.span} (valid 1..{table.split + 1})")
-        if not l2_span_holds(l1.span, l2_index):
+                             reason=f"level-1 Span={span} (valid 1..{table.split + 1})")
+        if not l2_span_holds(span, l2_index):
             return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
-                             reason=f"SID {sid:#x} beyond level-1 Span={l1.span}")
-        address = l1.l2ptr + l2_index * STE_SIZE
+                             reason=f"SID {sid:#x} beyond level-1 Span={span}")
+        address = l2ptr + l2_index * STE_SIZE
     else:
         address = table.base + sid * STE_SIZE
     try:
-        ste = Ste.decode(memory.read(address, STE_SIZE))
+        words = ste_words(memory.read(address, STE_SIZE))
     except GuestMemoryError as exc:
         return SteLookup(sid, SteStatus.FETCH_ABORT, address=address, reason=str(exc))
-    if not ste.v:
-        return SteLookup(sid, SteStatus.INVALID, ste, address, "STE.V=0")
-    reason = ste_illegal_reason(ste, features)
+    if not STE.V.test(words[0]):
+        return SteLookup(sid, SteStatus.INVALID, words, address, "STE.V=0")
+    reason = ste_words_illegal_reason(words[0], words[1], features)
     if reason is not None:
-        return SteLookup(sid, SteStatus.ILLEGAL, ste, address, reason)
-    return SteLookup(sid, SteStatus.VALID, ste, address)
+        return SteLookup(sid, SteStatus.ILLEGAL, words, address, reason)
+    return SteLookup(sid, SteStatus.VALID, words, address)
 
 
 def ste_illegal_reason(ste: Ste, features: SmmuFeatures) -> str | None:
     """Why a V=1 STE is ILLEGAL for ``features``, or None if it is not."""
-    config = ste.config
-    if config not in SteConfig.__members__.values():
+    return _illegal_reason(features, ste.config, ste.s1fmt, ste.s1_context_ptr, ste.s1cdmax,
+                           ste.eats, ste.strw)
+
+
+def ste_words_illegal_reason(word0: int, word1: int, features: SmmuFeatures) -> str | None:
+    """:func:`ste_illegal_reason` of a V=1 STE given as its raw double words 0 and 1."""
+    return _illegal_reason(features, STE.CONFIG.get(word0), STE.S1FMT.get(word0),
+                           STE.S1CONTEXTPTR.get(word0), STE.S1CDMAX.get(word0),
+                           STE.EATS.get(word1), STE.STRW.get(word1))
+
+
+def _illegal_reason(features: SmmuFeatures, config: int, s1fmt: int, s1_context_ptr: int,
+                    s1cdmax: int, eats: int, strw: int) -> str | None:
+    if config not in _STE_CONFIGS:
         return f"STE.Config={config:#05b} is reserved"
     if config in (SteConfig.S2_TRANS, SteConfig.NESTED):
         return f"STE.Config={SteConfig(config).name} needs stage 2, which is not advertised"
     if config == SteConfig.S1_TRANS:
-        if ste.s1cdmax > features.ssidsize:
-            return f"STE.S1CDMax={ste.s1cdmax} > IDR1.SSIDSIZE={features.ssidsize}"
-        if ste.s1cdmax:
-            if ste.s1fmt not in S1Fmt.__members__.values():
-                return f"STE.S1Fmt={ste.s1fmt} is reserved"
-            if ste.s1fmt != S1Fmt.LINEAR and not features.cd2l:
-                return f"STE.S1Fmt={S1Fmt(ste.s1fmt).name} without IDR0.CD2L"
-        if not id_fits(ste.s1_context_ptr, features.oas_bits):
-            return (f"STE.S1ContextPtr={ste.s1_context_ptr:#x} beyond the "
+        if s1cdmax > features.ssidsize:
+            return f"STE.S1CDMax={s1cdmax} > IDR1.SSIDSIZE={features.ssidsize}"
+        if s1cdmax:
+            if s1fmt not in _S1_FMTS:
+                return f"STE.S1Fmt={s1fmt} is reserved"
+            if s1fmt != S1Fmt.LINEAR and not features.cd2l:
+                return f"STE.S1Fmt={S1Fmt(s1fmt).name} without IDR0.CD2L"
+        if not id_fits(s1_context_ptr, features.oas_bits):
+            return (f"STE.S1ContextPtr={s1_context_ptr:#x} beyond the "
                     f"{features.oas_bits}-bit OAS")
-        if ste.strw != Strw.NSEL1:
-            return f"STE.STRW={ste.strw} needs IDR0.HYP, which is not advertised"
-    if config != SteConfig.ABORT and ste.eats:
+        if strw != Strw.NSEL1:
+            return f"STE.STRW={strw} needs IDR0.HYP, which is not advertised"
+    if config != SteConfig.ABORT and eats:
         if not features.ats:
-            return f"STE.EATS={ste.eats} but IDR0.ATS is not advertised"
-        if ste.eats not in (Eats.ABORT, Eats.FULL):
-            return f"STE.EATS={ste.eats} needs stage 2 (split) or is reserved"
+            return f"STE.EATS={eats} but IDR0.ATS is not advertised"
+        if eats not in (Eats.ABORT, Eats.FULL):
+            return f"STE.EATS={eats} needs stage 2 (split) or is reserved"
     return None
 
 
