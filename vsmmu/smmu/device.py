@@ -111,6 +111,11 @@ _COMMAND_WORDS = struct.Struct("<QQ")
 
 # How the command loop treats each opcode; anything absent is CERROR_ILL.
 _BATCH, _CFGI_STE, _CFGI_STE_RANGE, _SYNC, _NOP = range(5)
+_KIND_KEY_MASK = CMD.OPCODE.inplace_mask | CMD.SSEC.inplace_mask
+_OPCODE_MASK = CMD.OPCODE.inplace_mask
+_OPCODES: dict[int, CmdOpcode] = {int(op): op for op in CmdOpcode}
+_SYNC_CS_VALUES = frozenset(int(cs) for cs in SyncCs)
+_CERROR_NONE = CError.NONE
 _SSEC_OPCODES = frozenset({
     CmdOpcode.PREFETCH_CONFIG, CmdOpcode.PREFETCH_ADDR, CmdOpcode.CFGI_STE,
     CmdOpcode.CFGI_STE_RANGE, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL, CmdOpcode.RESUME,
@@ -121,6 +126,8 @@ BATCHABLE_OPCODES = frozenset({
     CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA, CmdOpcode.TLBI_NSNH_ALL, CmdOpcode.ATC_INV,
 })
 """Commands delivered to :meth:`ConfigSink.invalidate` in batches."""
+_tuple_new = tuple.__new__
+"""Builds a QueuedCommand without NamedTuple's Python-level ``__new__`` (one per command)."""
 
 
 class SmmuV3:
@@ -146,6 +153,8 @@ class SmmuV3:
         self._cmdq_pointer_mask = QueueIndex(self.features.cmdqs).pointer_mask
         self._evtq_pointer_mask = QueueIndex(self.features.evtqs).pointer_mask
         self._readers: dict[int, Callable[[], int]] = {}
+        self._stream_table: StreamTableConfig | None = None
+        self._stream_table_key = (-1, -1)
         self._writers: dict[int, Callable[[int], None]] = {}
         self._build_register_table()
         self._set_reset_values()
@@ -153,6 +162,7 @@ class SmmuV3:
     # ------------------------------------------------------------------ setup
 
     def _command_kinds(self) -> dict[int, int]:
+        """Command kind by ``dw0 & _KIND_KEY_MASK`` (opcode and SSEC); absent = CERROR_ILL."""
         kinds: dict[int, int] = {op: _BATCH for op in BATCHABLE_OPCODES}
         if not self.features.ats:
             del kinds[CmdOpcode.ATC_INV]
@@ -160,7 +170,13 @@ class SmmuV3:
                       CmdOpcode.SYNC: _SYNC, CmdOpcode.PREFETCH_CONFIG: _NOP,
                       CmdOpcode.PREFETCH_ADDR: _NOP, CmdOpcode.RESUME: _NOP,
                       CmdOpcode.STALL_TERM: _NOP})
-        return {int(op): kind for op, kind in kinds.items()}
+        table: dict[int, int] = {}
+        for op, kind in kinds.items():
+            table[int(op)] = kind
+            if op not in _SSEC_OPCODES:
+                # Commands without an SSec field ignore bit 10 (it is RES0 for them).
+                table[int(op) | CMD.SSEC.inplace_mask] = kind
+        return table
 
     def _set_reset_values(self) -> None:
         self.cr0 = RESET_VALUES[Reg.CR0]
@@ -383,11 +399,16 @@ class SmmuV3:
 
     def stream_table(self) -> StreamTableConfig:
         """The stream table configuration in force (clamped to the advertised features)."""
-        return stream_table_config(
-            self.features, STRTAB_BASE.ADDR.get(self.strtab_base),
-            STRTAB_BASE_CFG.FMT.get(self.strtab_base_cfg),
-            STRTAB_BASE_CFG.LOG2SIZE.get(self.strtab_base_cfg),
-            STRTAB_BASE_CFG.SPLIT.get(self.strtab_base_cfg))
+        key = (self.strtab_base, self.strtab_base_cfg)
+        if key != self._stream_table_key or self._stream_table is None:
+            # Built once per register change: every CFGI_STE asks for it.
+            self._stream_table = stream_table_config(
+                self.features, STRTAB_BASE.ADDR.get(self.strtab_base),
+                STRTAB_BASE_CFG.FMT.get(self.strtab_base_cfg),
+                STRTAB_BASE_CFG.LOG2SIZE.get(self.strtab_base_cfg),
+                STRTAB_BASE_CFG.SPLIT.get(self.strtab_base_cfg))
+            self._stream_table_key = key
+        return self._stream_table
 
     def gbpa_state(self) -> GbpaState:
         """The global bypass attributes in force."""
@@ -443,51 +464,54 @@ class SmmuV3:
         if not CR0.CMDQEN.test(self.cr0) or self._cmdq_error_active():
             return
         q = self._cmdq_index()
+        pointer_mask = q.pointer_mask
         prod = q.pointer(self.cmdq_prod)
         cons = q.pointer(self.cmdq_cons)
         pending = min(q.used(prod, cons), q.size)
         base = QUEUE_BASE.ADDR.get(self.cmdq_base)
+        # The batch holds raw QueuedCommands; their CONS pointers follow from the first one.
         batch: list[QueuedCommand] = []
-        batch_pointers: list[int] = []
-        error = CError.NONE
+        batch_start = cons
+        error = _CERROR_NONE
         kinds = self._kinds
-        while pending and error is CError.NONE:
+        trace = self.trace
+        while pending and error is _CERROR_NONE:
             index = q.index(cons)
             count = min(pending, q.size - index)
             chunk = self._fetch_commands(base + index * COMMAND_SIZE, count)
             for dw0, dw1 in _COMMAND_WORDS.iter_unpack(chunk):
-                opcode = CMD.OPCODE.get(dw0)
-                kind = kinds.get(opcode)
-                if self.trace:
+                # Keyed by opcode and SSEC: SSec=1 on a command that has it is absent (ILL).
+                kind = kinds.get(dw0 & _KIND_KEY_MASK)
+                if trace:
                     logger.info("%s: cmdq[%d] %s", self.name, q.index(cons),
                                 decode_command_words(dw0, dw1))
-                if kind is not None and opcode in _SSEC_OPCODES and CMD.SSEC.test(dw0):
-                    kind = None
                 if kind == _BATCH:
-                    batch.append(QueuedCommand(CmdOpcode(opcode), dw0, dw1))
-                    batch_pointers.append(cons)
-                    cons = q.increment(cons)
+                    if not batch:
+                        batch_start = cons
+                    opcode = _OPCODES[dw0 & _OPCODE_MASK]
+                    batch.append(_tuple_new(QueuedCommand, (opcode, dw0, dw1)))
+                    cons = (cons + 1) & pointer_mask
                     continue
                 if batch:
-                    failed_at = self._flush_batch(batch, batch_pointers)
+                    failed_at = self._flush_batch(batch, batch_start, q)
                     if failed_at is not None:
                         cons, error = failed_at, CError.ILL
                         break
-                error = self._execute(kind, opcode, dw0, dw1)
-                if error is not CError.NONE:
+                error = self._execute(kind, dw0, dw1)
+                if error is not _CERROR_NONE:
                     break
-                cons = q.increment(cons)
-            if error is CError.NONE and len(chunk) < count * COMMAND_SIZE:
+                cons = (cons + 1) & pointer_mask
+            if error is _CERROR_NONE and len(chunk) < count * COMMAND_SIZE:
                 error = CError.ABT
             pending -= count
         if batch:
             # Everything batched precedes any failing command: hand it over first.
-            failed_at = self._flush_batch(batch, batch_pointers)
+            failed_at = self._flush_batch(batch, batch_start, q)
             if failed_at is not None:
                 cons, error = failed_at, CError.ILL
         self.commands_consumed += q.used(cons, q.pointer(self.cmdq_cons))
         self.cmdq_cons = (self.cmdq_cons & CMDQ_CONS.ERR.inplace_mask) | cons
-        if error is not CError.NONE:
+        if error is not _CERROR_NONE:
             self._command_error(error, q, cons)
 
     def _fetch_commands(self, address: int, count: int) -> bytes:
@@ -505,30 +529,31 @@ class SmmuV3:
                 break
         return bytes(readable)
 
-    def _flush_batch(self, batch: list[QueuedCommand], pointers: list[int]) -> int | None:
-        """Hand ``batch`` to the sink; return the CONS of the first refused command, if any."""
+    def _flush_batch(self, batch: list[QueuedCommand], start: int,
+                     q: QueueIndex) -> int | None:
+        """Hand ``batch`` (first command at CONS ``start``) to the sink; return the CONS of
+        the first refused command, if any."""
         handled = self.sink.invalidate(batch)
         failed: int | None = None
         if 0 <= handled < len(batch):
-            failed = pointers[handled]
+            failed = q.increment(start, handled)
             logger.info("%s: sink refused %s (batch index %d)", self.name, batch[handled],
                         handled)
         batch.clear()
-        pointers.clear()
         return failed
 
-    def _execute(self, kind: int | None, opcode: int, dw0: int, dw1: int) -> CError:
+    def _execute(self, kind: int | None, dw0: int, dw1: int) -> CError:
         """Run one non-batched command; return its CERROR (NONE on success)."""
-        if kind == _SYNC:
-            if CMD.SYNC_CS.get(dw0) not in SyncCs.__members__.values():
-                return CError.ILL
-            self.sink.sync()
-            return CError.NONE
         if kind == _CFGI_STE:
             sid = CMD.SID.get(dw0)
             if not id_fits(sid, self.features.sidsize):
-                return CError.NONE
-            return CError.NONE if self.sink.ste_changed(sid, sid) else CError.ILL
+                return _CERROR_NONE
+            return _CERROR_NONE if self.sink.ste_changed(sid, sid) else CError.ILL
+        if kind == _SYNC:
+            if CMD.SYNC_CS.get(dw0) not in _SYNC_CS_VALUES:
+                return CError.ILL
+            self.sink.sync()
+            return _CERROR_NONE
         if kind == _CFGI_STE_RANGE:
             range_ = CMD.RANGE.get(dw1)
             first, last = cfgi_ste_range_sids(CMD.SID.get(dw0), range_)
@@ -536,10 +561,10 @@ class SmmuV3:
                 first = 0
             last = min(last, (1 << self.features.sidsize) - 1)
             if first > last:
-                return CError.NONE
-            return CError.NONE if self.sink.ste_changed(first, last) else CError.ILL
+                return _CERROR_NONE
+            return _CERROR_NONE if self.sink.ste_changed(first, last) else CError.ILL
         if kind == _NOP:
-            return CError.NONE
+            return _CERROR_NONE
         return CError.ILL
 
     def _command_error(self, error: CError, q: QueueIndex, cons: int) -> None:
