@@ -408,7 +408,11 @@ class NestedMachine:
 
     async def sh(self, command: str, timeout: float = 60.0) -> str:
         """Run ``command`` in the guest; return its output. Raises NestedBootError on status≠0."""
-        output, status = await self.vm.console.run(command, timeout=timeout)
+        try:
+            output, status = await self.vm.console.run(command, timeout=timeout)
+        except ConsoleError as exc:
+            raise NestedBootError(self.failure_report(
+                f"guest command {command!r}: {exc}")) from exc
         if status != 0:
             raise NestedBootError(self.failure_report(
                 f"guest command {command!r} exited with {status}: {output.strip()}"))

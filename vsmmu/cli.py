@@ -10,8 +10,9 @@ from pathlib import Path
 
 from guest_images.debian import DebianArchiveError
 from guest_images.kernel import DEFAULT_SUITE, GuestImageError, ensure_guest, load_guest
-from qmp_harness.machine import BootError, Machine
+from qmp_harness.machine import BootError
 from qmp_harness.provision import ProvisionError, ensure_qemu, load_install
+from vsmmu.demo import DmaCheckError
 from vsmmu.endpoints.base import EndpointError
 from vsmmu.iommufd.sim import HostPersonality
 from vsmmu.nesting import CBadStePolicy
@@ -60,19 +61,10 @@ async def _demo(cache: Path, suite: str) -> int:
     # Imported here: the fixtures module imports pytest, which a plain CLI run
     # should not need until it boots something.
     from qmp_harness.fixtures import provision_environment
+    from vsmmu.demo import run_demo
 
     env = provision_environment(cache.resolve(), suite)
-    async with Machine(env.qemu, env.machine_config(), name="demo") as vm:
-        await vm.boot()
-        output, status = await vm.console.run("uname -r")
-        if status != 0:
-            print(f"demo: uname -r failed in the guest with status {status}", file=sys.stderr)
-            return 1
-        qemu = await vm.execute("query-version")
-        q = qemu["qemu"]
-        print(f"guest kernel: {output.strip()}")
-        print(f"QEMU: {q['major']}.{q['minor']}.{q['micro']}")
-    return 0
+    return await run_demo(env.qemu, env.guest, env.cache)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -122,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("doctor", "print what this machine offers vsmmu"),
-        ("demo", "boot the guest and print its kernel and the QEMU version"),
+        ("demo", "boot the guest with the nested vSMMU and show probe, DMA and objects"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -146,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             ensure_qemu(args.cache, quiet=True)
             ensure_guest(args.cache, args.suite, quiet=True)
             return asyncio.run(_demo(args.cache, args.suite))
-    except (ProvisionError, GuestImageError, DebianArchiveError, BootError) as exc:
+    except (ProvisionError, GuestImageError, DebianArchiveError, BootError,
+            DmaCheckError) as exc:
         print(f"vsmmu {args.command}: {exc}", file=sys.stderr)
         return 1
     print(f"vsmmu: {args.command} is not implemented yet", file=sys.stderr)
