@@ -79,6 +79,8 @@ NESTED_APPEND = ("fw_devlink=permissive", "deferred_probe_timeout=30")
 SERVICE_START_TIMEOUT = 30.0
 SERVICE_STOP_TIMEOUT = 10.0
 BAR_MARKER = "VSMMU-SMMU-BAR"
+BAR_LINE = re.compile(rf"{BAR_MARKER} (0x[0-9a-fA-F]+)\s")
+"""The whole address (console output arrives in pieces: never match a partial line)."""
 BAR_TIMEOUT = 120.0
 BIND_TIMEOUT = 60.0
 TAIL_LINES = 50
@@ -321,7 +323,7 @@ class NestedMachine:
         Both must show the BAR at ``expected_smmu_bar`` (the DT's ``reg``).
         Returns the address; raises NestedBootError naming both on a mismatch.
         """
-        match = await self.vm.console.wait_for(re.compile(rf"{BAR_MARKER} (\S+)"), timeout)
+        match = await self.vm.console.wait_for(BAR_LINE, timeout)
         sysfs = int(match.group(1), 16)
         functions = await self.vm.query_pci()
         smmu = next((f for f in functions if f["slot"] == SMMU_SLOT), None)
@@ -492,6 +494,33 @@ class NestedMachine:
         )
 
 
+GUEST_EVENT_LINE = re.compile(r"arm-smmu-v3 \S+: event (0x[0-9a-f]+) received:\n"
+                              r"((?:.*arm-smmu-v3 \S+: \s*0x[0-9a-f]{16}\n)+)")
+GUEST_EVENT_DWORD = re.compile(r"\s(0x[0-9a-f]{16})$", re.MULTILINE)
+DWORD_BYTES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestEventReport:
+    """One ``event 0x.. received:`` report of the guest's arm-smmu-v3 driver (raw dwords)."""
+
+    event_id: int
+    dwords: tuple[int, ...]
+
+    def record(self) -> bytes:
+        """The event record as the guest read it from its EVTQ (little-endian dwords)."""
+        return b"".join(d.to_bytes(DWORD_BYTES, "little") for d in self.dwords)
+
+
+def guest_event_reports(dmesg: str) -> list[GuestEventReport]:
+    """Every event the guest driver printed, in order (kernels of 6.x print raw dwords)."""
+    reports = []
+    for match in GUEST_EVENT_LINE.finditer(dmesg):
+        dwords = tuple(int(d, 16) for d in GUEST_EVENT_DWORD.findall(match.group(2)))
+        reports.append(GuestEventReport(int(match.group(1), 16), dwords))
+    return reports
+
+
 PROBE_BYTES = 32
 """Bytes of a sample used to find where it starts in the endpoint's stream."""
 
@@ -527,11 +556,13 @@ def _format_events(events: Sequence[Mapping[str, Any]]) -> str:
 __all__ = [
     "EXPECTED_SMMU_BAR",
     "SMMU_SLOT",
+    "GuestEventReport",
     "HwrngSample",
     "NestedBootError",
     "NestedConfig",
     "NestedEndpoint",
     "NestedMachine",
+    "guest_event_reports",
     "init_fragments",
     "pci_bdf",
     "smmu_node",
