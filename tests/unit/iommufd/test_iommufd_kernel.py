@@ -107,13 +107,15 @@ def test_bind_passes_the_iommufd_and_returns_out_devid(be: KernelIommufd, rec: R
     assert [(o.id, o.type) for o in be.objects()] == [(7, ObjType.DEVICE)]
 
 
-def test_bind_failure_closes_the_cdev(be: KernelIommufd, rec: Recorder) -> None:
+def test_bind_failure_closes_the_cdev(
+    open_fds: Callable[[], int], be: KernelIommufd, rec: Recorder
+) -> None:
     rec.reply(uapi.Ioctl.VFIO_DEVICE_BIND_IOMMUFD, OSError(errno.EBUSY, "busy"))
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_fds()
     with pytest.raises(IommufdError) as info:
         be.bind_vfio_cdev(os.devnull)
     assert (info.value.errno, info.value.op) == (errno.EBUSY, "BIND_IOMMUFD")
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert open_fds() == before
 
 
 def test_bind_of_missing_cdev_is_open_enoent(be: KernelIommufd) -> None:
@@ -262,7 +264,13 @@ def test_invalidate_passes_the_array_and_returns_entry_num(
     raw = rec.only(uapi.Ioctl.IOMMU_HWPT_INVALIDATE).raw
     size, hwpt, _, data_type, entry_len, entry_num, reserved = struct.unpack("<IIQIIII", raw)
     assert (size, hwpt, data_type, entry_len, entry_num, reserved) == (
-        32, 6, uapi.HwptInvalidateDataType.ARM_SMMUV3, 16, 2, 0)
+        32,
+        6,
+        uapi.HwptInvalidateDataType.ARM_SMMUV3,
+        16,
+        2,
+        0,
+    )
     assert seen == [struct.pack("<QQQQ", 0x11, 0x22, 0x33, 0x44)]
 
 
@@ -277,8 +285,11 @@ def test_invalidate_failure_reports_the_kernel_handled_count(
     rec.reply(uapi.Ioctl.IOMMU_HWPT_INVALIDATE, fail_at_one)
     with pytest.raises(IommufdError) as info:
         be.hwpt_invalidate(6, [(0x11, 0), (0x99, 0), (0x11, 0)])
-    assert (info.value.errno, info.value.op, info.value.handled) == (errno.EIO,
-                                                                     "HWPT_INVALIDATE", 1)
+    assert (info.value.errno, info.value.op, info.value.handled) == (
+        errno.EIO,
+        "HWPT_INVALIDATE",
+        1,
+    )
 
 
 def test_veventq_fd_is_returned_as_is(be: KernelIommufd, rec: Recorder) -> None:
@@ -350,9 +361,7 @@ def test_oserror_becomes_iommufd_error_with_errno_and_op(
     assert op in str(info.value) and errno.errorcode[err] in str(info.value)
 
 
-def test_object_table_tracks_creations_users_and_destroys(
-    be: KernelIommufd, rec: Recorder
-) -> None:
+def test_object_table_tracks_creations_users_and_destroys(be: KernelIommufd, rec: Recorder) -> None:
     dev = bind(be, rec, 1)
     rec.reply(uapi.Ioctl.IOMMU_IOAS_ALLOC, out(out_ioas_id=2))
     rec.reply(uapi.Ioctl.IOMMU_HWPT_ALLOC, out(out_hwpt_id=3))
@@ -372,13 +381,13 @@ def test_object_table_tracks_creations_users_and_destroys(
     assert rec.only(uapi.Ioctl.IOMMU_DESTROY).raw == struct.pack("<II", 8, viommu)
 
 
-def test_close_closes_the_iommufd_and_cdevs(rec: Recorder) -> None:
-    before = len(os.listdir("/proc/self/fd"))
+def test_close_closes_the_iommufd_and_cdevs(open_fds: Callable[[], int], rec: Recorder) -> None:
+    before = open_fds()
     be = KernelIommufd(os.devnull)
     bind(be, rec)
-    assert len(os.listdir("/proc/self/fd")) == before + 2
+    assert open_fds() == before + 2
     be.close()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert open_fds() == before
 
 
 def test_real_fcntl_errno_reaches_the_caller() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.sim import SimIommufd
@@ -58,14 +59,14 @@ def test_sequence_wraps_after_int_max() -> None:
     q.close()
 
 
-def test_1000_alloc_destroy_cycles_leak_no_fd() -> None:
+def test_1000_alloc_destroy_cycles_leak_no_fd(open_fds: Callable[[], int]) -> None:
     sim = SimIommufd()
     dev = sim.create_mock_device(1)
     s2 = sim.hwpt_alloc(dev, sim.ioas_alloc(), flags=uapi.HwptAllocFlags.NEST_PARENT)
     viommu = sim.viommu_alloc(dev, s2)
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_fds()
     for _ in range(1000):
         h = sim.veventq_alloc(viommu, 8)
         os.close(h.fd)
         sim.destroy(h.id)
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert open_fds() == before

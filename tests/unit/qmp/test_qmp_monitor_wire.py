@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -234,11 +235,9 @@ async def test_stuck_client_loses_events_without_blocking_others(
 # -- lifecycle -------------------------------------------------------------------------------
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-async def test_connect_disconnect_cycles_leak_no_fds_or_tasks(monitor: QmpMonitor) -> None:
+async def test_connect_disconnect_cycles_leak_no_fds_or_tasks(
+    open_fds: Callable[[], int], monitor: QmpMonitor
+) -> None:
     async def settle() -> None:
         for _ in range(50):
             if monitor.client_count == 0:
@@ -251,7 +250,7 @@ async def test_connect_disconnect_cycles_leak_no_fds_or_tasks(monitor: QmpMonito
     await warm.connect(monitor.socket_path)
     await warm.disconnect()
     await settle()
-    fds, tasks = _open_fds(), len(asyncio.all_tasks())
+    fds, tasks = open_fds(), len(asyncio.all_tasks())
     for i in range(100):
         if i % 2:
             client = QMPClient(f"c{i}")
@@ -266,7 +265,7 @@ async def test_connect_disconnect_cycles_leak_no_fds_or_tasks(monitor: QmpMonito
             await writer.wait_closed()
     await settle()
     assert monitor.client_count == 0
-    assert _open_fds() == fds
+    assert open_fds() == fds
     assert len(asyncio.all_tasks()) == tasks
 
 

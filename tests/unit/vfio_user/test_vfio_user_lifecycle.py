@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.client import VfioUserClient
@@ -13,10 +14,6 @@ from vsmmu.vfio_user.server import VfioUserServer
 CYCLES = 100
 PAGE = uapi.DEFAULT_PGSIZE
 TRIGGER_EVENTFD = uapi.IRQ_SET_DATA_EVENTFD | uapi.IRQ_SET_ACTION_TRIGGER
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def one_session(path: str, memfd: int, eventfd: int) -> None:
@@ -32,7 +29,7 @@ async def one_session(path: str, memfd: int, eventfd: int) -> None:
 
 
 async def test_hundred_cycles_leak_nothing(
-    server: VfioUserServer, socket_path: str, sample: ScratchDevice
+    open_fds: Callable[[], int], server: VfioUserServer, socket_path: str, sample: ScratchDevice
 ) -> None:
     memfd = os.memfd_create("guest-ram")
     os.ftruncate(memfd, 2 * PAGE)
@@ -42,14 +39,14 @@ async def test_hundred_cycles_leak_nothing(
         await asyncio.wait_for(server.wait_disconnected(), 5)
         while server.connections_served < 1:
             await asyncio.sleep(0.01)
-        before = open_fd_count()
+        before = open_fds()
         for cycle in range(CYCLES):
             await one_session(socket_path, memfd, eventfd)
             while server.connections_served < cycle + 2:
                 await asyncio.sleep(0.001)
             assert len(sample.pci.dma) == 0
             assert sample.pci.intx.eventfd is None
-        assert open_fd_count() == before
+        assert open_fds() == before
         assert sample.disconnects == CYCLES + 1
     finally:
         os.close(memfd)

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import select
+from collections.abc import Callable
 
 import pytest
 
@@ -24,10 +25,6 @@ from vsmmu.vfio_user.server import VfioUserServer
 BAR0 = uapi.PciRegion.BAR0
 CONFIG = uapi.PciRegion.CONFIG
 PAGE = uapi.DEFAULT_PGSIZE
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def expect_errno(expected: int, coro: object) -> None:
@@ -247,8 +244,10 @@ async def test_irq_disable_and_deassign(client: VfioUserClient, sample: ScratchD
         os.close(fd)
 
 
-async def test_set_irqs_errors_close_fds(client: VfioUserClient) -> None:
-    before = open_fd_count()
+async def test_set_irqs_errors_close_fds(
+    open_fds: Callable[[], int], client: VfioUserClient
+) -> None:
+    before = open_fds()
     fds = [os.eventfd(0), os.eventfd(0)]
     try:
         both = uapi.IRQ_SET_DATA_NONE | uapi.IRQ_SET_DATA_BOOL | uapi.IRQ_SET_ACTION_TRIGGER
@@ -263,7 +262,7 @@ async def test_set_irqs_errors_close_fds(client: VfioUserClient) -> None:
     finally:
         for fd in fds:
             os.close(fd)
-    assert open_fd_count() == before
+    assert open_fds() == before
 
 
 # -- DMA -----------------------------------------------------------------------
@@ -291,8 +290,10 @@ async def test_dma_map_mmap_and_listeners(client: VfioUserClient, sample: Scratc
         os.close(memfd)
 
 
-async def test_dma_map_errors(client: VfioUserClient, sample: ScratchDevice) -> None:
-    before = open_fd_count()
+async def test_dma_map_errors(
+    open_fds: Callable[[], int], client: VfioUserClient, sample: ScratchDevice
+) -> None:
+    before = open_fds()
     memfd = os.memfd_create("guest-ram")
     try:
         os.ftruncate(memfd, 4 * PAGE)
@@ -312,7 +313,7 @@ async def test_dma_map_errors(client: VfioUserClient, sample: ScratchDevice) -> 
         assert len(sample.pci.dma) == 0
     finally:
         os.close(memfd)
-    assert open_fd_count() == before
+    assert open_fds() == before
 
 
 async def test_dma_without_fd_uses_messages(
@@ -351,8 +352,10 @@ async def test_unknown_and_client_side_commands(client: VfioUserClient) -> None:
     assert (await client.device_info())[2] == uapi.PCI_NUM_IRQS
 
 
-async def test_unexpected_fds_are_closed(client: VfioUserClient) -> None:
-    before = open_fd_count()
+async def test_unexpected_fds_are_closed(
+    open_fds: Callable[[], int], client: VfioUserClient
+) -> None:
+    before = open_fds()
     read, write = os.pipe()
     try:
         payload = uapi.DEVICE_INFO.pack(16, 0, 0, 0)
@@ -362,7 +365,7 @@ async def test_unexpected_fds_are_closed(client: VfioUserClient) -> None:
     finally:
         os.close(read)
         os.close(write)
-    assert open_fd_count() == before
+    assert open_fds() == before
 
 
 async def test_unknown_header_flags(client: VfioUserClient) -> None:
