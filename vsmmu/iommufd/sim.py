@@ -682,17 +682,25 @@ class SimIommufd(IommufdBackend):
         """``IOMMU_HWPT_INVALIDATE`` (iommufd_hwpt_invalidate + arm_vsmmu_cache_invalidate).
 
         Each entry is laid out as the user array would hold it (``entry_len``
-        bytes, truncated or zero-padded) and handed to the shared core.
+        bytes, truncated or zero-padded) and handed to the shared core.  With
+        the native ``entry_len`` that layout is the words themselves, so they go
+        to the core as they are (no pack/unpack per entry).
         """
+        u64_max = uapi.U64_MAX
+        if entry_len == uapi.ARM_INVALIDATE_ENTRY_SIZE and all(
+            0 <= w0 <= u64_max and 0 <= w1 <= u64_max for w0, w1 in entries
+        ):
+            viommu = self._invalidate_target(id_, len(entries), data_type, entry_len)
+            return self.smmu.invalidate_batch(viommu, entries, "HWPT_INVALIDATE")
         array = b"".join(
             struct.pack("<QQ", w0, w1)[:entry_len].ljust(entry_len, b"\0") for w0, w1 in entries
         )
         return self._invalidate(id_, array, len(entries), data_type, entry_len)
 
-    def _invalidate(
-        self, id_: int, array: bytes, entry_num: int, data_type: int, entry_len: int
-    ) -> int:
-        """The invalidation core behind the typed method and the raw ioctl."""
+    def _invalidate_target(
+        self, id_: int, entry_num: int, data_type: int, entry_len: int
+    ) -> SimViommu:
+        """The header checks of iommufd_hwpt_invalidate, in the kernel's order."""
         op = "HWPT_INVALIDATE"
         if entry_num and entry_len == 0:
             raise _err(errno.EINVAL, op, "entry_len 0 with a non-empty array")
@@ -707,6 +715,14 @@ class SimIommufd(IommufdBackend):
             raise _err(errno.EINVAL, op, f"data_type {data_type}: expected ARM_SMMUV3")
         if not entry_num:
             raise _err(errno.EINVAL, op, "entry_num 0")
+        return obj
+
+    def _invalidate(
+        self, id_: int, array: bytes, entry_num: int, data_type: int, entry_len: int
+    ) -> int:
+        """The invalidation core behind the typed method and the raw ioctl."""
+        op = "HWPT_INVALIDATE"
+        viommu = self._invalidate_target(id_, entry_num, data_type, entry_len)
         # The whole array is copied (copy_struct_from_user per entry) before any is converted:
         # a short entry is zero-extended, a long one must have a zero tail (E2BIG, 0 handled).
         size = uapi.ARM_INVALIDATE_ENTRY_SIZE
@@ -717,15 +733,7 @@ class SimIommufd(IommufdBackend):
                 raise _err(errno.E2BIG, op, f"entry {index}: non-zero bytes past {size}")
             w0, w1 = struct.unpack("<QQ", raw[:size].ljust(size, b"\0"))
             packed.append((w0, w1))
-        handled = 0
-        for w0, w1 in packed:
-            try:
-                self.smmu.invalidate(obj, w0, w1, op)
-            except IommufdError as exc:
-                exc.handled = handled
-                raise
-            handled += 1
-        return handled
+        return self.smmu.invalidate_batch(viommu, packed, op)
 
     # --- vEVENTQ ---
 

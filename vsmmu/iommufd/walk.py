@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -102,6 +103,9 @@ FORWARDED_EVENTS = frozenset(
         EventId.F_PERMISSION,
     }
 )
+_OPCODE_MASK = CMD.OPCODE.inplace_mask
+_BY_STREAM = frozenset({CmdOpcode.ATC_INV, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL})
+"""Invalidations that name a vSID (converted to the physical StreamID)."""
 ALLOWED_INVALIDATIONS = frozenset(
     {
         CmdOpcode.TLBI_NSNH_ALL,
@@ -194,18 +198,34 @@ class PhysicalSmmu:
         self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid}
         self.fast.clear()
 
+    def invalidate_batch(
+        self, viommu: SimViommu, entries: Sequence[tuple[int, int]], op: str
+    ) -> int:
+        """Execute ``entries`` in order; return how many (all of them).
+
+        Raises IommufdError with ``handled`` = the index of the first command
+        refused; the commands before it have taken effect, as in the kernel.
+        """
+        handled = 0
+        invalidate = self.invalidate
+        for w0, w1 in entries:
+            try:
+                invalidate(viommu, w0, w1, op)
+            except IommufdError as exc:
+                exc.handled = handled
+                raise
+            handled += 1
+        return handled
+
     def invalidate(self, viommu: SimViommu, w0: int, w1: int, op: str) -> None:
         """Convert one guest command as arm_vsmmu_convert_user_cmd, then execute it."""
-        opcode = CMD.OPCODE.get(w0)
+        opcode = w0 & _OPCODE_MASK
         if opcode not in ALLOWED_INVALIDATIONS:
             raise IommufdError(
                 errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation"
             )
-        vmid = viommu.vmid
         self.fast.clear()
-        if opcode == CmdOpcode.TLBI_NSNH_ALL:
-            opcode = CmdOpcode.TLBI_NH_ALL
-        if opcode in (CmdOpcode.ATC_INV, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL):
+        if opcode in _BY_STREAM:
             vsid = CMD.SID.get(w0)
             vdev = viommu.vdevs.get(vsid)
             if vdev is None or vdev.device is None:
@@ -216,25 +236,29 @@ class PhysicalSmmu:
             if opcode != CmdOpcode.ATC_INV:
                 self.cd_cache.pop(psid, None)
             return
-        if opcode == CmdOpcode.TLBI_NH_ALL:
-            self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid}
-            return
-        asid = CMD.ASID.get(w0)
-        if opcode == CmdOpcode.TLBI_NH_ASID:
-            self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid or k[1] != asid}
-            return
-        start, end = self._tlbi_range(w0, w1)
-        any_asid = opcode == CmdOpcode.TLBI_NH_VAA
-        self.tlb = {
-            k: e
-            for k, e in self.tlb.items()
-            if not (
-                k[0] == vmid
+        tlb = self.tlb
+        if not tlb:
+            return  # nothing cached: every TLBI is complete at once
+        vmid = viommu.vmid
+        if opcode == CmdOpcode.TLBI_NH_ALL or opcode == CmdOpcode.TLBI_NSNH_ALL:
+            dead = [k for k in tlb if k[0] == vmid]
+        elif opcode == CmdOpcode.TLBI_NH_ASID:
+            asid = CMD.ASID.get(w0)
+            dead = [k for k in tlb if k[0] == vmid and k[1] == asid]
+        else:
+            asid = CMD.ASID.get(w0)
+            start, end = self._tlbi_range(w0, w1)
+            any_asid = opcode == CmdOpcode.TLBI_NH_VAA
+            dead = [
+                k
+                for k, e in tlb.items()
+                if k[0] == vmid
                 and (any_asid or k[1] == asid)
                 and e.leaf_base < end
                 and start < e.leaf_base + e.leaf_size
-            )
-        }
+            ]
+        for key in dead:
+            del tlb[key]
 
     @staticmethod
     def _tlbi_range(w0: int, w1: int) -> tuple[int, int]:
