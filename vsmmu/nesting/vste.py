@@ -71,14 +71,22 @@ def vste_for(lookup: SteLookup) -> VsteWords:
     """
     status = lookup.status
     words = lookup.words
-    if status is SteStatus.VALID and words is not None:
+    if status is _VALID and words is not None:
         word0 = words[0]
         config = STE.CONFIG.get(word0)
-        if config == SteConfig.ABORT:
+        if config == _CONFIG_ABORT:
             return ABORT_VSTE
-        if config == SteConfig.BYPASS:
+        if config == _CONFIG_BYPASS:
             return BYPASS_VSTE
         return VsteWords(word0 & VSTE_WORD0_ALLOWED, words[1] & VSTE_WORD1_ALLOWED)
-    if status is SteStatus.INVALID or status is SteStatus.ILLEGAL:
+    if status is _INVALID or status is _ILLEGAL:
         return INVALID_VSTE
     return ABORT_VSTE
+
+
+# Plain names for the per-CFGI_STE path (an enum member read through its class is slow).
+_VALID = SteStatus.VALID
+_INVALID = SteStatus.INVALID
+_ILLEGAL = SteStatus.ILLEGAL
+_CONFIG_ABORT = int(SteConfig.ABORT)
+_CONFIG_BYPASS = int(SteConfig.BYPASS)

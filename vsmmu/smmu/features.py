@@ -11,6 +11,7 @@ this (e.g. ATS on for the "host rejects EATS" scenario) by building a new
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 from vsmmu.arch.registers import (
@@ -68,9 +69,9 @@ class SmmuFeatures:
         if not (self.gran4k or self.gran16k or self.gran64k):
             raise SmmuError("SmmuFeatures: expected at least one translation granule")
 
-    @property
+    @functools.cached_property
     def oas_bits(self) -> int:
-        """Output address size in bits."""
+        """Output address size in bits (cached: every CMD_CFGI_STE of a stage-1 STE asks)."""
         return OAS_BITS[self.oas]
 
     def granule_supported(self, page_shift: int) -> bool:

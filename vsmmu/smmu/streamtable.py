@@ -70,8 +70,17 @@ from vsmmu.smmu.interfaces import GuestMemory, GuestMemoryError, StreamTableConf
 
 logger = logging.getLogger(__name__)
 
+# Plain-int copies for the CMD_CFGI_STE path: an enum member read through its class
+# costs about as much as the whole STE unpack.
 _STE_CONFIGS = frozenset(int(c) for c in SteConfig)
+_STAGE2_CONFIGS = frozenset({int(SteConfig.S2_TRANS), int(SteConfig.NESTED)})
+_CONFIG_ABORT = int(SteConfig.ABORT)
+_CONFIG_S1_TRANS = int(SteConfig.S1_TRANS)
 _S1_FMTS = frozenset(int(f) for f in S1Fmt)
+_S1FMT_LINEAR = int(S1Fmt.LINEAR)
+_STRW_NSEL1 = int(Strw.NSEL1)
+_EATS_NO_STAGE2 = frozenset({int(Eats.ABORT), int(Eats.FULL)})
+_TWO_LEVEL = int(StrtabFmt.TWO_LEVEL)
 
 
 class SteStatus(enum.Enum):
@@ -82,6 +91,13 @@ class SteStatus(enum.Enum):
     ILLEGAL = "illegal for the advertised features"
     BAD_STREAMID = "StreamID out of range"
     FETCH_ABORT = "fetch abort"
+
+
+_VALID = SteStatus.VALID
+_INVALID = SteStatus.INVALID
+_ILLEGAL = SteStatus.ILLEGAL
+_BAD_STREAMID = SteStatus.BAD_STREAMID
+_FETCH_ABORT = SteStatus.FETCH_ABORT
 
 
 class CdStatus(enum.Enum):
@@ -183,20 +199,20 @@ def lookup_ste(memory: GuestMemory, features: SmmuFeatures, table: StreamTableCo
     CMD_CFGI_STE comes through here.
     """
     if not id_fits(sid, table.log2size):
-        return SteLookup(sid, SteStatus.BAD_STREAMID,
+        return SteLookup(sid, _BAD_STREAMID,
                          reason=f"SID {sid:#x} >= 2**{table.log2size} stream table entries")
-    if table.fmt == StrtabFmt.TWO_LEVEL:
+    if table.fmt == _TWO_LEVEL:
         l1_index, l2_index = strtab_split_index(sid, table.split)
         l1_address = table.base + l1_index * L1_STD_SIZE
         try:
             span, l2ptr = l1_std_fields(memory.read(l1_address, L1_STD_SIZE))
         except GuestMemoryError as exc:
-            return SteLookup(sid, SteStatus.FETCH_ABORT, address=l1_address, reason=str(exc))
+            return SteLookup(sid, _FETCH_ABORT, address=l1_address, reason=str(exc))
         if span == 0 or span > table.split + 1:
-            return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
+            return SteLookup(sid, _BAD_STREAMID, address=l1_address,
                              reason=f"level-1 Span={span} (valid 1..{table.split + 1})")
         if not l2_span_holds(span, l2_index):
-            return SteLookup(sid, SteStatus.BAD_STREAMID, address=l1_address,
+            return SteLookup(sid, _BAD_STREAMID, address=l1_address,
                              reason=f"SID {sid:#x} beyond level-1 Span={span}")
         address = l2ptr + l2_index * STE_SIZE
     else:
@@ -204,13 +220,13 @@ def lookup_ste(memory: GuestMemory, features: SmmuFeatures, table: StreamTableCo
     try:
         words = ste_words(memory.read(address, STE_SIZE))
     except GuestMemoryError as exc:
-        return SteLookup(sid, SteStatus.FETCH_ABORT, address=address, reason=str(exc))
+        return SteLookup(sid, _FETCH_ABORT, address=address, reason=str(exc))
     if not STE.V.test(words[0]):
-        return SteLookup(sid, SteStatus.INVALID, words, address, "STE.V=0")
+        return SteLookup(sid, _INVALID, words, address, "STE.V=0")
     reason = ste_words_illegal_reason(words[0], words[1], features)
     if reason is not None:
-        return SteLookup(sid, SteStatus.ILLEGAL, words, address, reason)
-    return SteLookup(sid, SteStatus.VALID, words, address)
+        return SteLookup(sid, _ILLEGAL, words, address, reason)
+    return SteLookup(sid, _VALID, words, address)
 
 
 def ste_illegal_reason(ste: Ste, features: SmmuFeatures) -> str | None:
@@ -230,25 +246,25 @@ def _illegal_reason(features: SmmuFeatures, config: int, s1fmt: int, s1_context_
                     s1cdmax: int, eats: int, strw: int) -> str | None:
     if config not in _STE_CONFIGS:
         return f"STE.Config={config:#05b} is reserved"
-    if config in (SteConfig.S2_TRANS, SteConfig.NESTED):
+    if config in _STAGE2_CONFIGS:
         return f"STE.Config={SteConfig(config).name} needs stage 2, which is not advertised"
-    if config == SteConfig.S1_TRANS:
+    if config == _CONFIG_S1_TRANS:
         if s1cdmax > features.ssidsize:
             return f"STE.S1CDMax={s1cdmax} > IDR1.SSIDSIZE={features.ssidsize}"
         if s1cdmax:
             if s1fmt not in _S1_FMTS:
                 return f"STE.S1Fmt={s1fmt} is reserved"
-            if s1fmt != S1Fmt.LINEAR and not features.cd2l:
+            if s1fmt != _S1FMT_LINEAR and not features.cd2l:
                 return f"STE.S1Fmt={S1Fmt(s1fmt).name} without IDR0.CD2L"
         if not id_fits(s1_context_ptr, features.oas_bits):
             return (f"STE.S1ContextPtr={s1_context_ptr:#x} beyond the "
                     f"{features.oas_bits}-bit OAS")
-        if strw != Strw.NSEL1:
+        if strw != _STRW_NSEL1:
             return f"STE.STRW={strw} needs IDR0.HYP, which is not advertised"
-    if config != SteConfig.ABORT and eats:
+    if config != _CONFIG_ABORT and eats:
         if not features.ats:
             return f"STE.EATS={eats} but IDR0.ATS is not advertised"
-        if eats not in (Eats.ABORT, Eats.FULL):
+        if eats not in _EATS_NO_STAGE2:
             return f"STE.EATS={eats} needs stage 2 (split) or is reserved"
     return None
 
