@@ -71,6 +71,10 @@ FIRST_ENDPOINT_SLOT = 2
 EXPECTED_SMMU_BAR = 0x1000_0000
 """Where Linux puts the largest non-prefetchable BAR: the start of virt's 32-bit window."""
 INTA = 1
+ROOT_PORT_BUS = 1
+ROOT_PORT_APPEND = "pci=hpmmiosize=0"
+"""Without it Linux gives a hot-pluggable root port a 2 MiB 32-bit window, placed before the
+SMMU's BAR; the endpoint's BAR is 64-bit prefetchable, so the port needs no 32-bit window."""
 PCI_DOMAIN_BUS = "0000:00"
 ATS_SUPPORTED = "ats-supported"
 """The PCIe host-bridge DT property that lets the guest enable ATS (pci-host-ecam-generic)."""
@@ -109,6 +113,8 @@ class NestedEndpoint:
     seed: int = 1
     ats: bool = False
     kind: str = "virtio-rng"
+    behind_root_port: bool = False
+    """Put the endpoint at 01:00.0 behind a hot-pluggable ``pcie-root-port`` at ``slot``."""
 
     @property
     def name(self) -> str:
@@ -116,14 +122,45 @@ class NestedEndpoint:
         return f"rng{self.slot}"
 
     @property
+    def root_port_id(self) -> str:
+        """The QEMU id of its root port (when :attr:`behind_root_port`)."""
+        return f"rp{self.slot}"
+
+    @property
+    def rid(self) -> int:
+        """The requester ID QEMU gives the function (the first root port's bus is 1)."""
+        return pci_rid(ROOT_PORT_BUS, 0) if self.behind_root_port else pci_rid(0, self.slot)
+
+    @property
     def sid(self) -> int:
-        """Its StreamID: the requester ID QEMU gives a bus-0 function (DT maps RID → SID 1:1)."""
-        return pci_rid(0, self.slot)
+        """Its StreamID: the DT maps RID → SID 1:1."""
+        return self.rid
 
     @property
     def bdf(self) -> str:
         """Its sysfs name in the guest."""
+        if self.behind_root_port:
+            return f"0000:{ROOT_PORT_BUS:02x}:00.0"
         return pci_bdf(self.slot)
+
+    def device_json(self, socket: Path) -> str:
+        """The endpoint's ``-device``/``device_add`` JSON."""
+        if not self.behind_root_port:
+            return vfio_user_device(socket, self.slot, self.name)
+        return json.dumps({
+            "driver": "vfio-user-pci", "id": self.name, "bus": self.root_port_id, "addr": "0x0",
+            "socket": {"type": "unix", "path": str(socket)},
+        })
+
+    def qemu_devices(self, socket: Path) -> list[str]:
+        """Its root port (if any) and itself, as ``-device`` arguments."""
+        devices = [self.device_json(socket)]
+        if self.behind_root_port:
+            port = json.dumps({"driver": "pcie-root-port", "id": self.root_port_id,
+                               "bus": "pcie.0", "addr": f"{self.slot:#x}",
+                               "chassis": self.slot, "slot": self.slot})
+            devices.insert(0, port)
+        return devices
 
     def service_spec(self) -> str:
         """The ``vsmmu serve --endpoint`` text."""
@@ -157,7 +194,7 @@ def smmu_node(config: NestedConfig) -> SmmuV3Node:
     return SmmuV3Node(
         base=config.expected_smmu_bar,
         spi=virt_intx_spi(SMMU_SLOT, INTA),
-        iommu_map=[IommuMapEntry(pci_rid(0, e.slot), e.sid) for e in config.endpoints],
+        iommu_map=[IommuMapEntry(e.rid, e.sid) for e in config.endpoints],
     )
 
 
@@ -248,15 +285,20 @@ class NestedMachine:
             argv += ["--cbadste-policy", config.cbadste_policy]
         return [*argv, *config.service_args]
 
+    def endpoint_socket(self, endpoint: NestedEndpoint) -> Path:
+        """The vfio-user socket the service serves ``endpoint`` on."""
+        return self.socket_dir / f"{endpoint.name}.sock"
+
     def machine_config(self, dtb: Path | None = None) -> MachineConfig:
         """The QEMU configuration: kernel, initramfs, DT, vfio-user devices."""
         config = self.config
         initrd = build_initramfs(self.guest, self.cache / "initramfs",
                                  modules=config.modules, fragments=init_fragments(config))
         devices = [vfio_user_device(self.socket_dir / "smmu.sock", SMMU_SLOT, "vsmmu")]
-        devices += [vfio_user_device(self.socket_dir / f"{e.name}.sock", e.slot, e.name)
-                    for e in config.endpoints]
-        append = " ".join([DEFAULT_APPEND, *NESTED_APPEND, *config.append])
+        for endpoint in config.endpoints:
+            devices += endpoint.qemu_devices(self.endpoint_socket(endpoint))
+        hotplug = [ROOT_PORT_APPEND] if any(e.behind_root_port for e in config.endpoints) else []
+        append = " ".join([DEFAULT_APPEND, *NESTED_APPEND, *hotplug, *config.append])
         return MachineConfig(kernel=self.guest.image, initrd=initrd, append=append,
                              memory_mib=config.memory_mib, dtb=dtb, devices=devices)
 
