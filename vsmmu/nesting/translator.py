@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 _VEVENT_HEADER = struct.Struct("<II")
 """``struct iommufd_vevent_header``: flags, sequence."""
 _VEVENTQ_READ_SIZE = 64 * (uapi.VEVENT_HEADER_SIZE + uapi.VEVENT_ARM_SMMUV3_SIZE)
+_VALID = SteStatus.VALID
 _HOST_EVENTS = (SteStatus.INVALID, SteStatus.ILLEGAL, SteStatus.VALID)
 """Guest STE states whose transactions the host handles (and reports) itself."""
 
@@ -453,6 +454,17 @@ class NestingTranslator:
     def _install(self, stream: Stream) -> bool:
         """Install the guest STE of ``stream``; False when the CFGI must fail (qemu-accel)."""
         lookup = self.smmu.lookup_ste(stream.sid)
+        hwpt_now = stream.hwpt
+        if (lookup is stream.lookup and lookup.status is _VALID and not stream.error
+                and hwpt_now is not None and stream.vste is not None and self._guest is not None
+                and self._guest.hwpts.get(stream.vste) is hwpt_now):
+            # The model hands back the same lookup only for the same STE bytes at the same
+            # place, so the vSTE is the one installed (no error: no fallback was put in its
+            # place) and its HWPT is still the attached one. Nothing to redo.
+            if self.trace:
+                logger.info("SID %#x (%s): STE unchanged, vSTE %s stays on HWPT %d",
+                            stream.sid, stream.name, stream.vste, hwpt_now.id)
+            return True
         stream.lookup = lookup
         stream.error = ""
         vste = vste_for(lookup)

@@ -80,7 +80,7 @@ from vsmmu.arch.registers import (
     QueueIndex,
     Reg,
 )
-from vsmmu.arch.ste import id_fits
+from vsmmu.arch.ste import STE_SIZE, id_fits
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import (
     ConfigSink,
@@ -97,8 +97,9 @@ from vsmmu.smmu.streamtable import (
     CdLookup,
     SteLookup,
     SteStatus,
+    classify_ste,
+    locate_ste,
     lookup_cd,
-    lookup_ste,
     stream_table_config,
 )
 
@@ -116,6 +117,8 @@ _OPCODE_MASK = CMD.OPCODE.inplace_mask
 _OPCODES: dict[int, CmdOpcode] = {int(op): op for op in CmdOpcode}
 _SYNC_CS_VALUES = frozenset(int(cs) for cs in SyncCs)
 _CERROR_NONE = CError.NONE
+STE_CACHE_ENTRIES = 4096
+"""Classified STEs kept by SID for :meth:`SmmuV3.lookup_ste` (emptied when full)."""
 _SSEC_OPCODES = frozenset({
     CmdOpcode.PREFETCH_CONFIG, CmdOpcode.PREFETCH_ADDR, CmdOpcode.CFGI_STE,
     CmdOpcode.CFGI_STE_RANGE, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL, CmdOpcode.RESUME,
@@ -154,6 +157,7 @@ class SmmuV3:
         self._evtq_pointer_mask = QueueIndex(self.features.evtqs).pointer_mask
         self._readers: dict[int, Callable[[], int]] = {}
         self._stream_table: StreamTableConfig | None = None
+        self._ste_cache: dict[int, tuple[bytes, SteLookup]] = {}
         self._stream_table_key = (-1, -1)
         self._writers: dict[int, Callable[[int], None]] = {}
         self._build_register_table()
@@ -626,7 +630,23 @@ class SmmuV3:
         if not id_fits(sid, self.features.sidsize):
             return SteLookup(sid, SteStatus.BAD_STREAMID,
                              reason=f"SID {sid:#x} >= 2**SIDSIZE={self.features.sidsize}")
-        return lookup_ste(self.memory, self.features, self.stream_table(), sid)
+        where = locate_ste(self.memory, self.stream_table(), sid)
+        if isinstance(where, SteLookup):
+            return where
+        try:
+            raw = self.memory.read(where, STE_SIZE)
+        except GuestMemoryError as exc:
+            return SteLookup(sid, SteStatus.FETCH_ABORT, address=where, reason=str(exc))
+        # Same bytes at the same place classify the same way: reuse the lookup (the
+        # memory is still read every time, as a CFGI_STE requires).
+        cached = self._ste_cache.get(sid)
+        if cached is not None and cached[0] == raw and cached[1].address == where:
+            return cached[1]
+        if len(self._ste_cache) >= STE_CACHE_ENTRIES:
+            self._ste_cache.clear()
+        lookup = classify_ste(self.features, sid, where, raw)
+        self._ste_cache[sid] = (bytes(raw), lookup)  # a copy: never a view of live RAM
+        return lookup
 
     def lookup_cd(self, ste: SteLookup, ssid: int = 0) -> CdLookup:
         """Fetch and classify the CD of ``ssid`` under the STE ``ste`` looked up before."""

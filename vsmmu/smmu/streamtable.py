@@ -198,29 +198,43 @@ def lookup_ste(memory: GuestMemory, features: SmmuFeatures, table: StreamTableCo
     Works on raw double words (one unpack per descriptor) because every
     CMD_CFGI_STE comes through here.
     """
+    where = locate_ste(memory, table, sid)
+    if isinstance(where, SteLookup):
+        return where
+    try:
+        raw = memory.read(where, STE_SIZE)
+    except GuestMemoryError as exc:
+        return SteLookup(sid, _FETCH_ABORT, address=where, reason=str(exc))
+    return classify_ste(features, sid, where, raw)
+
+
+def locate_ste(memory: GuestMemory, table: StreamTableConfig, sid: int) -> int | SteLookup:
+    """The GPA of the STE of ``sid``, or the BAD_STREAMID / FETCH_ABORT lookup that ends
+    the search (a level-1 descriptor that cannot be read or does not cover ``sid``)."""
     if not id_fits(sid, table.log2size):
         return SteLookup(sid, _BAD_STREAMID,
                          reason=f"SID {sid:#x} >= 2**{table.log2size} stream table entries")
-    if table.fmt == _TWO_LEVEL:
-        l1_index, l2_index = strtab_split_index(sid, table.split)
-        l1_address = table.base + l1_index * L1_STD_SIZE
-        try:
-            span, l2ptr = l1_std_fields(memory.read(l1_address, L1_STD_SIZE))
-        except GuestMemoryError as exc:
-            return SteLookup(sid, _FETCH_ABORT, address=l1_address, reason=str(exc))
-        if span == 0 or span > table.split + 1:
-            return SteLookup(sid, _BAD_STREAMID, address=l1_address,
-                             reason=f"level-1 Span={span} (valid 1..{table.split + 1})")
-        if not l2_span_holds(span, l2_index):
-            return SteLookup(sid, _BAD_STREAMID, address=l1_address,
-                             reason=f"SID {sid:#x} beyond level-1 Span={span}")
-        address = l2ptr + l2_index * STE_SIZE
-    else:
-        address = table.base + sid * STE_SIZE
+    if table.fmt != _TWO_LEVEL:
+        return table.base + sid * STE_SIZE
+    l1_index, l2_index = strtab_split_index(sid, table.split)
+    l1_address = table.base + l1_index * L1_STD_SIZE
     try:
-        words = ste_words(memory.read(address, STE_SIZE))
+        span, l2ptr = l1_std_fields(memory.read(l1_address, L1_STD_SIZE))
     except GuestMemoryError as exc:
-        return SteLookup(sid, _FETCH_ABORT, address=address, reason=str(exc))
+        return SteLookup(sid, _FETCH_ABORT, address=l1_address, reason=str(exc))
+    if span == 0 or span > table.split + 1:
+        return SteLookup(sid, _BAD_STREAMID, address=l1_address,
+                         reason=f"level-1 Span={span} (valid 1..{table.split + 1})")
+    if not l2_span_holds(span, l2_index):
+        return SteLookup(sid, _BAD_STREAMID, address=l1_address,
+                         reason=f"SID {sid:#x} beyond level-1 Span={span}")
+    return l2ptr + l2_index * STE_SIZE
+
+
+def classify_ste(features: SmmuFeatures, sid: int, address: int,
+                 raw: bytes | bytearray | memoryview) -> SteLookup:
+    """The lookup of ``sid`` whose 64-byte STE ``raw`` was fetched from ``address``."""
+    words = ste_words(raw)
     if not STE.V.test(words[0]):
         return SteLookup(sid, _INVALID, words, address, "STE.V=0")
     reason = ste_words_illegal_reason(words[0], words[1], features)
