@@ -27,6 +27,19 @@ trace = logging.getLogger(__name__ + ".trace")
 
 _Handler = Callable[["Session", Message], bytes]
 
+# Plain ints for the BAR fast path (enum members are slow to read and to combine).
+_REGION_READ = int(uapi.Command.REGION_READ)
+_REGION_WRITE = int(uapi.Command.REGION_WRITE)
+_BAR_ACCESS = frozenset({_REGION_READ, _REGION_WRITE})
+_REQUEST = int(uapi.MSG_TYPE_REQUEST)
+_POSTED = _REQUEST | int(uapi.MsgFlag.NO_REPLY)
+_WRITE_FLAGS = frozenset({_REQUEST, _POSTED})
+_REPLY = int(uapi.MSG_TYPE_REPLY)
+_REGION_RW_SIZE = uapi.REGION_RW.size
+_REGION_RW_UNPACK = uapi.REGION_RW.unpack_from
+_NOT_FAST = Message(0, 0, 0)
+"""Returned by the BAR fast path for a request the generic path must handle."""
+
 
 def _unpack(layout: struct.Struct, message: Message) -> tuple[int, ...]:
     if len(message.payload) < layout.size:
@@ -66,6 +79,11 @@ class Session:
 
     def handle(self, message: Message) -> Message | None:
         """Process one request; return its reply, or None when none is due."""
+        if (message.command in _BAR_ACCESS and self.negotiated and not message.fds
+                and not trace.isEnabledFor(logging.DEBUG)):
+            reply = self._bar_access(message)
+            if reply is not _NOT_FAST:
+                return reply
         trace.debug(
             "<- %s id=%d flags=%#x len=%d fds=%d",
             message.command_name,
@@ -80,19 +98,68 @@ class Session:
         try:
             payload = self._dispatch(message)
         except CommandError as exc:
-            self.stats["refused"] += 1
-            message.close()
-            logger.warning(
-                "vfio-user %s refused (errno %d): %s", message.command_name, exc.errno, exc
-            )
-            return None if message.no_reply else error_reply_to(message, exc.errno)
-        except Exception as exc:
-            message.close()
-            logger.exception("vfio-user %s failed in the device", message.command_name)
-            del exc
-            return None if message.no_reply else error_reply_to(message, errno.EIO)
+            return self._refused(message, exc)
+        except Exception:
+            return self._failed(message)
         message.close()
         return None if message.no_reply else reply_to(message, payload)
+
+    def _refused(self, message: Message, exc: CommandError) -> Message | None:
+        self.stats["refused"] += 1
+        message.close()
+        logger.warning(
+            "vfio-user %s refused (errno %d): %s", message.command_name, exc.errno, exc
+        )
+        return None if message.no_reply else error_reply_to(message, exc.errno)
+
+    def _failed(self, message: Message) -> Message | None:
+        message.close()
+        logger.exception("vfio-user %s failed in the device", message.command_name)
+        return None if message.no_reply else error_reply_to(message, errno.EIO)
+
+    def _bar_access(self, message: Message) -> Message | None:
+        """REGION_READ/REGION_WRITE of a BAR without the generic dispatch: the guest's
+        register accesses (one per trapped vCPU load/store) take this path.
+
+        Returns :data:`_NOT_FAST` for anything but a well-formed, in-bounds BAR
+        access, before touching the device, so the generic path then handles
+        (and refuses) it exactly as before.
+        """
+        payload = message.payload
+        command = message.command
+        flags = message.flags
+        if len(payload) < _REGION_RW_SIZE:
+            return _NOT_FAST
+        offset, region, count = _REGION_RW_UNPACK(payload)
+        bar = self.device.bars.get(region)
+        if (bar is None or count > self.max_xfer or offset + count > bar.size
+                or region >= uapi.PCI_NUM_REGIONS):
+            return _NOT_FAST
+        if command == _REGION_READ:
+            if flags != _REQUEST or len(payload) != _REGION_RW_SIZE:
+                return _NOT_FAST
+            self.stats["REGION_READ"] += 1
+            try:
+                value = bar.read(offset, count)
+            except Exception:
+                return self._failed(message)
+            data = value.to_bytes(count, "little") if isinstance(value, int) else bytes(value)
+            if len(data) != count:
+                return self._refused(message, CommandError(
+                    errno.EIO, f"BAR{region} read handler gave {len(data)} bytes, not {count}"))
+            return Message(message.msg_id, command, _REPLY, 0, payload + data)
+        if flags not in _WRITE_FLAGS or len(payload) != _REGION_RW_SIZE + count:
+            return _NOT_FAST
+        self.stats["REGION_WRITE"] += 1
+        posted = flags == _POSTED
+        if posted:
+            self.stats["posted"] += 1
+        try:
+            bar.write(offset, payload[_REGION_RW_SIZE:])
+        except Exception:
+            return self._failed(message)
+        return None if posted else Message(message.msg_id, command, _REPLY, 0,
+                                           payload[:_REGION_RW_SIZE])
 
     def _dispatch(self, message: Message) -> bytes:
         if message.flags & ~uapi.MSG_KNOWN_FLAGS or message.flags & uapi.MsgFlag.ERROR:
