@@ -38,7 +38,7 @@ CD_TABLE = RAM_BASE + 0x8_0000
 ASID = 1
 BATCH = 64
 """Commands per CMD_SYNC batch, the SYNC included (Linux: CMDQ_BATCH_ENTRIES = 64)."""
-BATCHES = 400
+BATCHES = 2000
 QUICK_BATCHES = 20
 
 
