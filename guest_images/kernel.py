@@ -5,6 +5,11 @@
 ``busybox-static`` for arm64, unpacks them under ``<cache>/guest/<suite>/``
 and records the result in ``manifest.json`` there.  A second call reads the
 manifest and touches no network.
+
+Suites: ``trixie`` (the default, Linux 6.12), ``trixie-backports`` (the
+newer kernel the e2e matrix also boots, 7.3.x at the time of writing; its
+busybox comes from ``trixie``, since a backports suite carries only the
+packages backported to it) and ``sid``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ DEFAULT_SUITE = "trixie"
 KERNEL_META = "linux-image-arm64"
 BUSYBOX_PACKAGE = "busybox-static"
 MANIFEST_VERSION = 1
+NEWER_SUITE = "trixie-backports"
+"""The second guest kernel of the e2e matrix: newer driver, decodes event names."""
+BACKPORTS_SUFFIX = "-backports"
 
 
 class GuestImageError(RuntimeError):
@@ -71,6 +79,11 @@ class GuestKernel:
     def module_tree(self) -> ModuleTree:
         """The module index of this kernel."""
         return ModuleTree(self.modules_dir)
+
+
+def userland_suite(suite: str) -> str:
+    """The suite busybox is taken from: a backports suite's base suite, else ``suite``."""
+    return suite.removesuffix(BACKPORTS_SUFFIX)
 
 
 def _guest_dir(cache: Path, suite: str) -> Path:
@@ -127,7 +140,7 @@ def ensure_guest(cache: Path, suite: str = DEFAULT_SUITE, *, quiet: bool = False
     ]
     print(f"==> guest kernel {release} from {suite}", file=sys.stderr, flush=True)
     kernel_pkgs = archive.fetch(kernel_names, arch=GUEST_ARCH, suite=suite)
-    busybox_pkgs = archive.fetch([BUSYBOX_PACKAGE], arch=GUEST_ARCH, suite=suite)
+    busybox_pkgs = archive.fetch([BUSYBOX_PACKAGE], arch=GUEST_ARCH, suite=userland_suite(suite))
     root = _guest_dir(cache, suite)
     unpack_packages(kernel_pkgs, root / "kernel")
     unpack_packages(busybox_pkgs, root / "busybox")
