@@ -47,6 +47,16 @@ class GuestEnvironment:
     qemu: QemuInstall
     guest: GuestKernel
 
+    def guest_for(self, suite: str | None) -> GuestKernel:
+        """The guest kernel of ``suite``: this environment's own for None or its suite.
+
+        Another suite is loaded from the cache (provisioned first if missing,
+        as ``make guest`` does for trixie-backports).
+        """
+        if suite is None or suite == self.guest.suite:
+            return self.guest
+        return ensure_guest(self.cache, suite, quiet=True)
+
     def initramfs(
         self, *, modules: Sequence[str] = (), fragments: Sequence[InitFragment] = ()
     ) -> Path:

@@ -2,7 +2,9 @@
 
 * ``nested_machine`` — an async factory: ``nm = await nested_machine(NestedConfig(...))``
   starts the service, boots the guest and returns a started
-  :class:`~qmp_harness.nested.NestedMachine`.  All are closed after the test.
+  :class:`~qmp_harness.nested.NestedMachine` booting the guest kernel of
+  ``config.guest_suite`` (the session's default when None).  All are closed
+  after the test.
   When the test fails, each machine's failure report (guest console tail,
   service log tail, last QMP events of QEMU and of the service) is printed
   and attached to the test report as a section.
@@ -51,7 +53,8 @@ async def nested_machine(
     machines: list[NestedMachine] = []
 
     async def start(config: NestedConfig | None = None) -> NestedMachine:
-        machine = NestedMachine(guest_env.qemu, guest_env.guest, config,
+        guest = guest_env.guest_for(config.guest_suite if config is not None else None)
+        machine = NestedMachine(guest_env.qemu, guest, config,
                                 cache=guest_env.cache, name=f"nested{len(machines)}")
         machines.append(machine)
         await machine.start()

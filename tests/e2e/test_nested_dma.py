@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from guest_images.kernel import DEFAULT_SUITE, NEWER_SUITE
 from qmp_harness.nested import NestedConfig, NestedEndpoint, NestedMachine
 from qmp_harness.nested_fixtures import StartNested
 from vsmmu.arch.commands import CError
@@ -47,8 +48,10 @@ async def stream(nm: NestedMachine) -> dict[str, object]:
     return row
 
 
-async def test_strict_nested_dma_of_one_mib(nested_machine: StartNested) -> None:
-    nm = await nested_machine(NestedConfig(endpoints=(ENDPOINT,), append=("iommu.strict=1",)))
+@pytest.mark.parametrize("guest_suite", [DEFAULT_SUITE, NEWER_SUITE])
+async def test_strict_nested_dma_of_one_mib(nested_machine: StartNested, guest_suite: str) -> None:
+    nm = await nested_machine(NestedConfig(endpoints=(ENDPOINT,), append=("iommu.strict=1",),
+                                           guest_suite=guest_suite))
     await nm.wait_endpoint_bound(ENDPOINT)
     assert "strict mode" in await nm.dmesg("DMA domain TLB invalidation policy")
     group = await nm.iommu_group(ENDPOINT)
@@ -61,7 +64,7 @@ async def test_strict_nested_dma_of_one_mib(nested_machine: StartNested) -> None
     elapsed = time.monotonic() - started
     check = check_hwrng_sample(SEED, sample)
     assert check.end - check.start - check.skipped == MIB
-    print(f"\n1 MiB of /dev/hwrng through the nested vSMMU in {elapsed:.1f}s "
+    print(f"\n{nm.guest.release}: 1 MiB of /dev/hwrng through the nested vSMMU in {elapsed:.1f}s "
           f"(stream {check.start}..{check.end}, {check.skipped} bytes taken by hwrng kthread)")
 
     # The endpoint's StreamID is attached to a nested HWPT built from the guest's STE.
