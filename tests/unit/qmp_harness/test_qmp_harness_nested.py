@@ -10,8 +10,10 @@ from qmp_harness.nested import (
     BAR_LINE,
     EXPECTED_SMMU_BAR,
     SMMU_SLOT,
+    UNASSIGNED_CLIENT,
     NestedConfig,
     NestedEndpoint,
+    guest_decoded_events,
     guest_event_reports,
     init_fragments,
     smmu_node,
@@ -40,6 +42,44 @@ def test_guest_event_reports_decode_to_the_records_the_guest_read() -> None:
     bad_ste, translation = (decode_event(r.record()) for r in reports)
     assert bad_ste.sid == 0x18
     assert translation.sid == 0x10 and translation.fields["input_addr"] == 0xDEAD000
+
+
+DMESG_7 = """\
+[    2.584001] arm-smmu-v3 10000000.smmuv3: event 0x10 received:
+[    2.584091] arm-smmu-v3 10000000.smmuv3: \t0x0000001000000010
+[    2.584139] arm-smmu-v3 10000000.smmuv3: \t0x0000020800000000
+[    2.584159] arm-smmu-v3 10000000.smmuv3: \t0x000000000dead000
+[    2.584176] arm-smmu-v3 10000000.smmuv3: \t0x0000000000000000
+[    2.584259] arm-smmu-v3 10000000.smmuv3: event: F_TRANSLATION client: 0000:00:02.0 \
+sid: 0x10 ssid: 0x0 iova: 0xdead000 ipa: 0x0
+[    2.584335] arm-smmu-v3 10000000.smmuv3: unpriv data read s1 "Input address caused fault" \
+stag: 0x0
+[    3.100000] arm-smmu-v3 10000000.smmuv3: event 0x02 received:
+[    3.100001] arm-smmu-v3 10000000.smmuv3: \t0x0001000000000002
+[    3.100002] arm-smmu-v3 10000000.smmuv3: \t0x0000000000000000
+[    3.100003] arm-smmu-v3 10000000.smmuv3: \t0x0000000000000000
+[    3.100004] arm-smmu-v3 10000000.smmuv3: \t0x0000000000000000
+[    3.100005] arm-smmu-v3 10000000.smmuv3: event: C_BAD_STREAMID client: (unassigned sid) \
+sid: 0x10000 ssid: 0x0
+"""
+"""What Linux 7.3's driver printed (two events): raw dwords, then the decoded line."""
+
+
+def test_guest_decoded_events_parse_the_newer_drivers_lines() -> None:
+    events = guest_decoded_events(DMESG_7)
+    assert [(e.name, e.client, e.sid, e.ssid) for e in events] == [
+        (EventId.F_TRANSLATION.name, "0000:00:02.0", 0x10, 0),
+        (EventId.C_BAD_STREAMID.name, UNASSIGNED_CLIENT, 0x10000, 0),
+    ]
+    assert (events[0].iova, events[0].ipa) == (0xDEAD000, 0)
+    assert events[1].iova is None and events[1].fetch_addr is None
+    # The raw dwords are still there and agree with the decoded lines.
+    raw = [decode_event(r.record()) for r in guest_event_reports(DMESG_7)]
+    assert [(e.name, e.sid) for e in raw] == [(e.name, e.sid) for e in events]
+
+
+def test_guest_decoded_events_finds_none_in_a_612_log() -> None:
+    assert guest_decoded_events(DMESG) == []
 
 
 def test_smmu_node_maps_only_endpoint_rids() -> None:
