@@ -28,6 +28,11 @@ from vsmmu.vfio_user.transport import ConnectionClosed, MessageChannel
 logger = logging.getLogger(__name__)
 
 _MSG_ID_MODULO = 1 << 16
+#: Messages handled per reader wakeup before other callbacks get their turn
+#: (a client flooding posted writes must not starve the loop).
+_MESSAGES_PER_WAKEUP = 64
+_TYPE_MASK = int(uapi.MSG_TYPE_MASK)
+_REPLY = int(uapi.MSG_TYPE_REPLY)
 
 
 class ServerError(VfioUserError):
@@ -35,7 +40,14 @@ class ServerError(VfioUserError):
 
 
 class Connection:
-    """One connected client: reader task, request dispatch, server-initiated DMA."""
+    """One connected client: request dispatch, server-initiated DMA.
+
+    Requests are read and answered inside the event loop's reader callback on
+    the socket (no task or future per message): each one is handled and its
+    reply written before the next is read, so posted writes take effect in
+    order.  When the client does not take our replies fast enough, reading
+    pauses until they are written.
+    """
 
     def __init__(self, device: PciDevice, sock: socket.socket) -> None:
         self.device = device
@@ -43,30 +55,72 @@ class Connection:
         self.channel = MessageChannel(sock, self.session.max_message_size)
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._next_id = 0
+        self._loop = asyncio.get_running_loop()
+        self._finished: asyncio.Future[None] = self._loop.create_future()
+        self._resume: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        """Serve until the client disconnects or breaks the protocol; never raises."""
+        """Serve until the client disconnects or breaks the protocol; never raises
+        (but passes cancellation on, after tearing the connection down)."""
+        self._loop.add_reader(self.channel.fileno, self._on_readable)
         try:
-            while True:
-                message = await self.channel.receive()
-                if message.is_reply:
-                    self._complete(message)
-                    continue
-                reply = self.session.handle(message)
-                if reply is not None:
-                    await self.channel.send(reply)
-        except ConnectionClosed as exc:
-            logger.info("vfio-user client gone: %s", exc)
-        except ProtocolError as exc:
-            logger.warning("vfio-user protocol error, dropping the client: %s", exc)
-        except Exception:
-            logger.exception("vfio-user connection failed, dropping the client")
+            await self._finished
         finally:
+            if self._resume is not None:
+                self._resume.cancel()
             self.channel.close()
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(ConnectionClosed("vfio-user client disconnected"))
             self._pending.clear()
+
+    def _on_readable(self) -> None:
+        channel = self.channel
+        handle = self.session.handle
+        try:
+            for _ in range(_MESSAGES_PER_WAKEUP):
+                message = channel.receive_nowait()
+                if message is None:
+                    return
+                if message.flags & _TYPE_MASK == _REPLY:
+                    self._complete(message)
+                    continue
+                reply = handle(message)
+                if reply is not None:
+                    channel.send_nowait(reply)
+                    if channel.send_queued:
+                        self._pause_reading()
+                        return
+        except ConnectionClosed as exc:
+            logger.info("vfio-user client gone: %s", exc)
+            self._finish()
+        except ProtocolError as exc:
+            logger.warning("vfio-user protocol error, dropping the client: %s", exc)
+            self._finish()
+        except Exception:
+            logger.exception("vfio-user connection failed, dropping the client")
+            self._finish()
+
+    def _pause_reading(self) -> None:
+        """Stop reading until our queued replies are written (the client reads slowly)."""
+        self._loop.remove_reader(self.channel.fileno)
+        self._resume = self._loop.create_task(self._resume_reading())
+
+    async def _resume_reading(self) -> None:
+        try:
+            await self.channel.drain()
+        except ConnectionClosed as exc:
+            logger.info("vfio-user client gone: %s", exc)
+            self._finish()
+            return
+        if not self._finished.done():
+            self._loop.add_reader(self.channel.fileno, self._on_readable)
+
+    def _finish(self) -> None:
+        if not self.channel.closed:
+            self._loop.remove_reader(self.channel.fileno)
+        if not self._finished.done():
+            self._finished.set_result(None)
 
     def _complete(self, reply: Message) -> None:
         future = self._pending.pop(reply.msg_id, None)
