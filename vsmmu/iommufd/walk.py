@@ -104,6 +104,9 @@ FORWARDED_EVENTS = frozenset(
     }
 )
 _OPCODE_MASK = CMD.OPCODE.inplace_mask
+_TLBI_NH_VA = int(CmdOpcode.TLBI_NH_VA)
+_TLBI_NH_VAA = int(CmdOpcode.TLBI_NH_VAA)
+_TLBI_BY_ADDRESS = frozenset({_TLBI_NH_VA, _TLBI_NH_VAA})
 _BY_STREAM = frozenset({CmdOpcode.ATC_INV, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL})
 """Invalidations that name a vSID (converted to the physical StreamID)."""
 ALLOWED_INVALIDATIONS = frozenset(
@@ -145,6 +148,115 @@ class TlbEntry:
     writable: bool
 
 
+TlbKey = tuple[int, int, int]
+"""An IOTLB tag: (VMID, ASID, 4K VA page number)."""
+
+
+class Iotlb(dict[TlbKey, TlbEntry]):
+    """The IOTLB: :data:`TlbKey` -> :class:`TlbEntry`, in insertion order (oldest first).
+
+    A plain dict for lookups, plus an index of its entries by stage-1 leaf
+    ``(VMID, leaf size, leaf base)`` kept up to date by every insert and
+    removal, so a TLBI by address finds its victims without scanning the
+    whole table.  Only ``[]=``, ``del``, :meth:`pop` and :meth:`clear` may
+    change it (the other dict mutators are refused).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._leaves: dict[tuple[int, int, int], set[TlbKey]] = {}
+        self._sizes: dict[int, int] = {}  # leaf size -> entries of that size (aligned leaves)
+        self._unaligned: set[TlbKey] = set()  # leaves not aligned to their size: scanned
+
+    def __setitem__(self, key: TlbKey, entry: TlbEntry) -> None:
+        old = self.get(key)
+        if old is not None:
+            self._unindex(key, old)
+        super().__setitem__(key, entry)
+        size, base = entry.leaf_size, entry.leaf_base
+        if size <= 0 or base % size:
+            self._unaligned.add(key)
+            return
+        self._leaves.setdefault((key[0], size, base), set()).add(key)
+        self._sizes[size] = self._sizes.get(size, 0) + 1
+
+    def __delitem__(self, key: TlbKey) -> None:
+        entry = self[key]
+        super().__delitem__(key)
+        self._unindex(key, entry)
+
+    def pop(self, key: TlbKey, *default: TlbEntry) -> TlbEntry:  # type: ignore[override]
+        """Remove ``key`` and return its entry (or ``default``); KeyError without one."""
+        entry = self.get(key)
+        if entry is None:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        del self[key]
+        return entry
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        super().clear()
+        self._leaves.clear()
+        self._sizes.clear()
+        self._unaligned.clear()
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("Iotlb: only []=, del, pop and clear keep the leaf index right")
+
+    update = setdefault = popitem = __ior__ = _refuse  # type: ignore[assignment]
+
+    def _unindex(self, key: TlbKey, entry: TlbEntry) -> None:
+        if key in self._unaligned:
+            self._unaligned.discard(key)
+            return
+        leaf = (key[0], entry.leaf_size, entry.leaf_base)
+        keys = self._leaves[leaf]
+        keys.discard(key)
+        if not keys:
+            del self._leaves[leaf]
+        left = self._sizes[entry.leaf_size] - 1
+        if left:
+            self._sizes[entry.leaf_size] = left
+        else:
+            del self._sizes[entry.leaf_size]
+
+    def overlapping(self, vmid: int, asid: int | None, start: int, end: int) -> list[TlbKey]:
+        """Keys of ``vmid`` (and ``asid``, unless None) whose leaf meets ``[start, end)``.
+
+        Exactly the entries a scan testing ``leaf_base < end and start <
+        leaf_base + leaf_size`` would pick; a range wider than the table is
+        scanned instead of enumerated.
+        """
+        found: list[TlbKey] = []
+        leaves = self._leaves
+        for size in self._sizes:
+            first = start - start % size
+            if (end - first) // size > len(self):
+                return self._scan(vmid, asid, start, end)
+            for base in range(first, end, size):
+                keys = leaves.get((vmid, size, base))
+                if keys:
+                    found.extend(k for k in keys if asid is None or k[1] == asid)
+        for key in self._unaligned:
+            entry = self[key]
+            if key[0] == vmid and (asid is None or key[1] == asid) \
+                    and entry.leaf_base < end and start < entry.leaf_base + entry.leaf_size:
+                found.append(key)
+        return found
+
+    def _scan(self, vmid: int, asid: int | None, start: int, end: int) -> list[TlbKey]:
+        return [
+            k
+            for k, e in self.items()
+            if k[0] == vmid
+            and (asid is None or k[1] == asid)
+            and e.leaf_base < end
+            and start < e.leaf_base + e.leaf_size
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class CdConfig:
     """The fields of a valid CD the walker uses."""
@@ -171,11 +283,13 @@ class PhysicalSmmu:
 
     def __init__(self, sim: SimIommufd) -> None:
         self.sim = sim
-        self.tlb: dict[tuple[int, int, int], TlbEntry] = {}
+        self.tlb = Iotlb()
         self.cd_cache: dict[int, CdConfig] = {}
         # The hit fast path: dev_id -> {4K page number: (that host page's view, writable)}.
         # A pure cache of what a TLB hit would return, so it is dropped whole on every
-        # change to the IOTLB, the CD cache or an STE (all rare next to DMA).
+        # change to the IOTLB, the CD cache or an STE (all rare next to DMA), except a
+        # TLBI by address, which drops the pages whose entries it removed (strict-mode
+        # guests issue one per unmap).
         self.fast: dict[int, dict[int, tuple[memoryview, bool]]] = {}
         self.host_events: list[Event] = []
         self.walks = 0
@@ -195,7 +309,8 @@ class PhysicalSmmu:
 
     def flush_vmid(self, vmid: int) -> None:
         """Drop every entry of ``vmid`` (its S2 HWPT is gone)."""
-        self.tlb = {k: e for k, e in self.tlb.items() if k[0] != vmid}
+        for key in [k for k in self.tlb if k[0] == vmid]:
+            del self.tlb[key]
         self.fast.clear()
 
     def invalidate_batch(
@@ -224,8 +339,8 @@ class PhysicalSmmu:
             raise IommufdError(
                 errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation"
             )
-        self.fast.clear()
         if opcode in _BY_STREAM:
+            self.fast.clear()
             vsid = CMD.SID.get(w0)
             vdev = viommu.vdevs.get(vsid)
             if vdev is None or vdev.device is None:
@@ -240,23 +355,22 @@ class PhysicalSmmu:
         if not tlb:
             return  # nothing cached: every TLBI is complete at once
         vmid = viommu.vmid
+        if opcode in _TLBI_BY_ADDRESS:
+            start, end = self._tlbi_range(w0, w1)
+            dead = tlb.overlapping(vmid, None if opcode == _TLBI_NH_VAA else CMD.ASID.get(w0),
+                                   start, end)
+            fast = self.fast.values()
+            for key in dead:
+                del tlb[key]
+                for pages in fast:  # what a hit on that entry put in the fast path
+                    pages.pop(key[2], None)
+            return
+        self.fast.clear()
         if opcode == CmdOpcode.TLBI_NH_ALL or opcode == CmdOpcode.TLBI_NSNH_ALL:
             dead = [k for k in tlb if k[0] == vmid]
-        elif opcode == CmdOpcode.TLBI_NH_ASID:
-            asid = CMD.ASID.get(w0)
-            dead = [k for k in tlb if k[0] == vmid and k[1] == asid]
         else:
             asid = CMD.ASID.get(w0)
-            start, end = self._tlbi_range(w0, w1)
-            any_asid = opcode == CmdOpcode.TLBI_NH_VAA
-            dead = [
-                k
-                for k, e in tlb.items()
-                if k[0] == vmid
-                and (any_asid or k[1] == asid)
-                and e.leaf_base < end
-                and start < e.leaf_base + e.leaf_size
-            ]
+            dead = [k for k in tlb if k[0] == vmid and k[1] == asid]
         for key in dead:
             del tlb[key]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vsmmu.arch.cd import CD, Tg0
 from vsmmu.arch.commands import CMD, CmdOpcode, TlbiTg
@@ -359,3 +361,64 @@ def test_fast_path_write_to_read_only_page_still_faults() -> None:
     with pytest.raises(DmaFault):
         g.sim.dma_write(g.dev, va, b"z")
     assert g.ram[0x20_0000] == 0
+
+
+# --- TLBI by address drops only the pages it invalidated from the fast path ---
+
+
+def test_tlbi_by_address_keeps_other_hot_pages_and_drops_its_own() -> None:
+    g = Guest()
+    va, other = 0x1000_0000, 0x1000_1000
+    hot_page(g, va)
+    g.put(g.ttb + 0x3000 + ((other >> 12) & 0x1FF) * 8, (RAM_IPA + 0x40_0000) | LEAF | PAGE)
+    g.sim.dma_read(g.dev, other, 8)
+    walks = g.sim.smmu.walks
+    g.ram[0x30_0000] = 2
+    g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | PAGE)
+    g.tlbi(CmdOpcode.TLBI_NH_VA, ASID=ASID, VA=va)
+    g.sim.dma_read(g.dev, other, 8)
+    assert g.sim.smmu.walks == walks  # the other page still hits
+    assert g.sim.dma_read(g.dev, va, 1) == b"\x02"  # the invalidated one walks again
+    assert g.sim.smmu.walks == walks + 1
+
+
+TLBI_FORMS = [
+    (CmdOpcode.TLBI_NH_VA, True), (CmdOpcode.TLBI_NH_VAA, False),
+    (CmdOpcode.TLBI_NH_ASID, True), (CmdOpcode.TLBI_NH_ALL, False),
+]
+HOT_PAGES = 4
+BASE_VA = 0x1000_0000
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 2), st.integers(0, HOT_PAGES - 1),
+                                st.integers(0, len(TLBI_FORMS) - 1), st.booleans()),
+                      max_size=25))
+def test_fast_path_reads_equal_slow_path_reads(steps: list[tuple[int, int, int, bool]]) -> None:
+    """Remaps without TLBI, TLBIs of every form (right or wrong ASID) and reads: a sim
+    whose fast path is emptied before every read returns the same bytes."""
+    fast, slow = Guest(), Guest()
+    for g in (fast, slow):
+        build_4k(g, BASE_VA, RAM_IPA + 0x20_0000)
+        for page in range(HOT_PAGES):
+            g.put(g.ttb + 0x3000 + (((BASE_VA >> 12) + page) & 0x1FF) * 8,
+                  (RAM_IPA + 0x20_0000 + page * 0x1000) | LEAF | PAGE)
+            g.ram[0x20_0000 + page * 0x1000] = page
+            g.ram[0x60_0000 + page * 0x1000] = 0x80 | page
+        g.attach()
+    for action, page, form, right_asid in steps:
+        va = BASE_VA + page * 0x1000
+        for g in (fast, slow):
+            if action == 0:  # remap the page to its other frame, no invalidation
+                g.put(g.ttb + 0x3000 + ((va >> 12) & 0x1FF) * 8,
+                      (RAM_IPA + 0x60_0000 + page * 0x1000) | LEAF | PAGE)
+            elif action == 1:
+                opcode, has_asid = TLBI_FORMS[form]
+                fields = {"VA": va} if opcode in (CmdOpcode.TLBI_NH_VA,
+                                                  CmdOpcode.TLBI_NH_VAA) else {}
+                if has_asid:
+                    fields["ASID"] = ASID if right_asid else ASID + 1
+                g.tlbi(opcode, **fields)
+        if action == 2:
+            slow.sim.smmu.fast.clear()
+            assert fast.sim.dma_read(fast.dev, va, 1) == slow.sim.dma_read(slow.dev, va, 1)
