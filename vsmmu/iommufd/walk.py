@@ -75,6 +75,7 @@ from vsmmu.arch.pagetables import (
 from vsmmu.arch.registers import OAS_BITS
 from vsmmu.arch.ste import STE, S1Fmt, SteConfig
 from vsmmu.iommufd.backend import IommufdError
+from vsmmu.iommufd.uapi import IoasMapFlags
 
 if TYPE_CHECKING:
     from vsmmu.iommufd.sim import SimDevice, SimIoas, SimIommufd, SimViommu
@@ -269,6 +270,16 @@ class CdConfig:
     oa_bits: int
 
 
+_CLASS_IN = int(EventClass.IN)
+_S2_WRITEABLE = int(IoasMapFlags.WRITEABLE)
+_INVALID = DescriptorKind.INVALID
+_RESERVED = DescriptorKind.RESERVED
+_TABLE = DescriptorKind.TABLE
+_AP_RW_ANY = int(Ap.RW_ANY)
+_AP_RO_ANY = int(Ap.RO_ANY)
+_U64_FROM = int.from_bytes
+
+
 class _Fault(Exception):
     """Internal: a fault with its event fields, turned into DmaFault by the caller."""
 
@@ -278,10 +289,21 @@ class _Fault(Exception):
         self.fields = fields
 
 
+def _level_fault(event_id: EventId, what: str, level: int, desc: int, desc_ipa: int,
+                 iova: int) -> _Fault:
+    """A stage-1 fault at a descriptor (its message built only when it happens)."""
+    return _Fault(event_id, f"level {level} descriptor {desc:#x} at IPA {desc_ipa:#x}: {what}",
+                  event_class=_CLASS_IN, input_addr=iova)
+
+
 class PhysicalSmmu:
     """The sim's physical SMMU (see the module docstring)."""
 
     def __init__(self, sim: SimIommufd) -> None:
+        from vsmmu.iommufd.sim import SimHwptNested, SimHwptPaging  # sim imports this module
+
+        self._nested_type = SimHwptNested
+        self._paging_type = SimHwptPaging
         self.sim = sim
         self.tlb = Iotlb()
         self.cd_cache: dict[int, CdConfig] = {}
@@ -401,10 +423,8 @@ class PhysicalSmmu:
         return views
 
     def _translate_page(self, dev: SimDevice, iova: int, write: bool) -> tuple[memoryview, int]:
-        from vsmmu.iommufd.sim import SimHwptNested
-
         hwpt = dev.hwpt
-        if isinstance(hwpt, SimHwptNested) and hwpt.viommu is not None:
+        if isinstance(hwpt, self._nested_type) and hwpt.viommu is not None:
             vmid = hwpt.viommu.vmid
             ste0 = hwpt.ste[0]
             cfg = STE.CONFIG.get(ste0)
@@ -425,16 +445,14 @@ class PhysicalSmmu:
             ) from None
 
     def _walk(self, dev: SimDevice, iova: int, write: bool) -> tuple[memoryview, int]:
-        from vsmmu.iommufd.sim import SimHwptNested, SimHwptPaging
-
         self.walks += 1
         hwpt = dev.hwpt
         if hwpt is None:
             raise DmaFault(f"device {dev.id} (SID {dev.stream_id:#x}) is not attached: blocked")
-        if isinstance(hwpt, SimHwptPaging):
+        if isinstance(hwpt, self._paging_type):
             assert hwpt.ioas is not None
             return self._stage2(hwpt.ioas, iova, write, EventClass.IN, iova)
-        assert isinstance(hwpt, SimHwptNested) and hwpt.viommu is not None
+        assert isinstance(hwpt, self._nested_type) and hwpt.viommu is not None
         viommu = hwpt.viommu
         assert viommu.parent is not None and viommu.parent.ioas is not None
         ioas = viommu.parent.ioas
@@ -470,15 +488,13 @@ class PhysicalSmmu:
     def _stage2(
         self, ioas: SimIoas, ipa: int, write: bool, cls: EventClass, iova: int
     ) -> tuple[memoryview, int]:
-        from vsmmu.iommufd.uapi import IoasMapFlags
-
         m = ioas.lookup(ipa)
         if m is None:
             raise _Fault(
                 EventId.F_TRANSLATION, f"S2: IPA {ipa:#x} not mapped", s2=1, ipa=ipa & ~0xFFF,
                 event_class=int(cls), input_addr=iova,
             )
-        if write and not m.flags & IoasMapFlags.WRITEABLE:
+        if write and not m.flags & _S2_WRITEABLE:
             raise _Fault(
                 EventId.F_PERMISSION, f"S2: IPA {ipa:#x} read-only", s2=1, ipa=ipa & ~0xFFF,
                 event_class=int(cls), input_addr=iova,
@@ -555,34 +571,42 @@ class PhysicalSmmu:
         table = cd.ttb[half]
         oa_limit = 1 << cd.oa_bits
         oa_52 = cd.oa_bits > OA_BITS
-        fault = {"event_class": int(EventClass.IN), "input_addr": iova}
         if table >= oa_limit:
-            raise _Fault(EventId.F_ADDR_SIZE, f"TTB{half} {table:#x} beyond IPS", **fault)
+            raise _Fault(EventId.F_ADDR_SIZE, f"TTB{half} {table:#x} beyond IPS",
+                         event_class=_CLASS_IN, input_addr=iova)
+        lookup = ioas.lookup
         while True:
             desc_ipa = table + granule.index(iova, level, ia_bits) * DESCRIPTOR_SIZE
-            raw = self._read_ipa(ioas, desc_ipa, DESCRIPTOR_SIZE, EventClass.TT, iova)
-            desc = int.from_bytes(raw, "little")
-            where = f"level {level} descriptor {desc:#x} at IPA {desc_ipa:#x}"
+            m = lookup(desc_ipa)
+            if m is None:  # the slow path raises the stage-2 fault with its fields
+                self._read_ipa(ioas, desc_ipa, DESCRIPTOR_SIZE, EventClass.TT, iova)
+                raise AssertionError("unreachable: stage 2 of an unmapped IPA")
+            off = desc_ipa - m.iova
+            desc = _U64_FROM(m.mapping.view()[off : off + DESCRIPTOR_SIZE], "little")
             kind = classify(desc, level, granule)
-            if kind is DescriptorKind.INVALID:
-                raise _Fault(EventId.F_TRANSLATION, f"{where}: invalid", **fault)
-            if kind is DescriptorKind.RESERVED:
-                raise _Fault(EventId.F_TRANSLATION, f"{where}: reserved here", **fault)
+            if kind is _INVALID:
+                raise _level_fault(EventId.F_TRANSLATION, "invalid", level, desc, desc_ipa, iova)
+            if kind is _RESERVED:
+                raise _level_fault(EventId.F_TRANSLATION, "reserved here", level, desc,
+                                   desc_ipa, iova)
             out = output_address(desc, level, granule, oa_52=oa_52)
             if out >= oa_limit:
-                raise _Fault(EventId.F_ADDR_SIZE, f"{where}: address beyond IPS", **fault)
-            if kind is DescriptorKind.TABLE:
+                raise _level_fault(EventId.F_ADDR_SIZE, "address beyond IPS", level, desc,
+                                   desc_ipa, iova)
+            if kind is _TABLE:
                 table = out
                 level += 1
                 continue
             if not DESC.AF.test(desc):
-                raise _Fault(EventId.F_ACCESS, f"{where}: AF=0", **fault)
+                raise _level_fault(EventId.F_ACCESS, "AF=0", level, desc, desc_ipa, iova)
             ap = DESC.AP.get(desc)
-            if ap not in (Ap.RW_ANY, Ap.RO_ANY):
-                raise _Fault(EventId.F_PERMISSION, f"{where}: no unprivileged access", **fault)
-            writable = ap == Ap.RW_ANY
+            if ap != _AP_RW_ANY and ap != _AP_RO_ANY:
+                raise _level_fault(EventId.F_PERMISSION, "no unprivileged access", level, desc,
+                                   desc_ipa, iova)
+            writable = ap == _AP_RW_ANY
             if write and not writable:
-                raise _Fault(EventId.F_PERMISSION, f"{where}: read-only", **fault)
+                raise _level_fault(EventId.F_PERMISSION, "read-only", level, desc, desc_ipa,
+                                   iova)
             leaf_size = 1 << granule.level_shift(level)
             leaf_base = iova & ~(leaf_size - 1)
             return leaf_base, leaf_size, out | (iova & (leaf_size - 1)), writable
