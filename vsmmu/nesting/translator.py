@@ -182,6 +182,7 @@ class NestingTranslator:
         self._ram: dict[int, HostMapping] = {}
         self._streams: dict[int, Stream] = {}
         self._guest: GuestObjects | None = None
+        self._sim: SimIommufd | None = backend if isinstance(backend, SimIommufd) else None
 
     # ------------------------------------------------------------ wiring
 
@@ -661,8 +662,30 @@ class NestingTranslator:
             return TransactionResult(sid, iova, write, False, reason=str(exc))
         return result
 
+    def _direct(self, sid: int) -> Stream | None:
+        """The endpoint's stream when :meth:`transaction` would hand its access straight
+        to the sim (the SMMU is off, or its STE lookup is one the host acts on), else
+        None.  The DMA methods then skip building a :class:`TransactionResult`."""
+        stream = self._streams.get(sid)
+        if stream is None or self._sim is None:
+            return None
+        smmu = self._smmu
+        if smmu is None:
+            return None
+        if smmu.enabled:
+            lookup = stream.lookup
+            if lookup is None or lookup.status not in _HOST_EVENTS:
+                return None
+        return stream
+
     def dma_read(self, sid: int, iova: int, length: int) -> bytes:
         """An endpoint's DMA read. Raises StreamFault when refused."""
+        stream = self._direct(sid)
+        if stream is not None and self._sim is not None:
+            try:
+                return self._sim.dma_read(stream.dev_id, iova, length)
+            except (DmaFault, IommufdError) as exc:
+                raise StreamFault(self._dma_refused(sid, iova, False, exc)) from None
         result = self.transaction(sid, iova, length=length)
         if not result.ok:
             raise StreamFault(result)
@@ -670,9 +693,24 @@ class NestingTranslator:
 
     def dma_write(self, sid: int, iova: int, data: bytes) -> None:
         """An endpoint's DMA write. Raises StreamFault when refused."""
+        stream = self._direct(sid)
+        if stream is not None and self._sim is not None:
+            try:
+                self._sim.dma_write(stream.dev_id, iova, data)
+            except (DmaFault, IommufdError) as exc:
+                raise StreamFault(self._dma_refused(sid, iova, True, exc)) from None
+            return
         result = self.transaction(sid, iova, write=True, data=data)
         if not result.ok:
             raise StreamFault(result)
+
+    def _dma_refused(self, sid: int, iova: int, write: bool,
+                     exc: DmaFault | IommufdError) -> TransactionResult:
+        """What :meth:`transaction` returns when the backend refuses the access."""
+        if isinstance(exc, DmaFault):
+            self.drain_veventq()
+            return TransactionResult(sid, iova, write, False, event=exc.event, reason=str(exc))
+        return TransactionResult(sid, iova, write, False, reason=str(exc))
 
     # ------------------------------------------------------------ shutdown
 
