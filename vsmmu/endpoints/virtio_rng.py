@@ -77,8 +77,11 @@ def locate_in_stream(seed: int, sample: bytes, start: int, end: int) -> int | No
 #: Every consumer in the Linux hwrng core takes multiples of 32 bytes
 #: (``add_early_randomness`` 32, the fill kthread and ``/dev/hwrng`` 64 each).
 HWRNG_GRANULE = 32
-#: Largest gap :func:`match_stream_blocks` explains inside one block.
+#: Largest single gap :func:`match_stream_blocks` explains inside one block.
 MAX_GAP_GRANULES = 4
+#: Most gaps :func:`match_stream_blocks` explains inside one block: a take of the fill
+#: kthread can straddle virtio-rng's internal buffer and leave two gaps a few granules apart.
+MAX_GAPS_PER_BLOCK = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,8 @@ class StreamMatch:
     block_offsets: tuple[int, ...]
     #: ``(block index, bytes skipped inside it)`` for each gap found.
     gaps: tuple[tuple[int, int], ...]
+    #: The stream bytes each block holds, gaps left out: what the guest must have read.
+    block_bytes: tuple[bytes, ...] = ()
 
     @property
     def skipped(self) -> int:
@@ -106,35 +111,60 @@ def match_stream_blocks(
     ``max(1 s, uptime / 2)`` early in boot), so a long ``/dev/hwrng`` read may
     miss whole :data:`HWRNG_GRANULE` multiples of the stream.  A block whose
     digest is not the stream's at the expected offset is matched against the
-    stream with one such gap (up to :data:`MAX_GAP_GRANULES` granules) at any
-    granule boundary inside it.  Every byte the guest read is still checked.
-    Returns None when some block is not explained that way.
+    stream with up to :data:`MAX_GAPS_PER_BLOCK` such gaps (each at most
+    :data:`MAX_GAP_GRANULES` granules) at granule boundaries inside it.  Every
+    byte the guest read is still checked.  Returns None when some block is not
+    explained that way.
     """
     offset = start
     offsets: list[int] = []
     gaps: list[tuple[int, int]] = []
-    reach = MAX_GAP_GRANULES * HWRNG_GRANULE
+    contents: list[bytes] = []
+    reach = MAX_GAPS_PER_BLOCK * MAX_GAP_GRANULES * HWRNG_GRANULE
     for index, digest in enumerate(digests):
         window = expected_stream(seed, offset, block_size + reach)
         offsets.append(offset)
-        if hashlib.sha256(window[:block_size]).digest() == digest:
-            offset += block_size
-            continue
-        gap = _find_gap(window, block_size, digest)
-        if gap is None:
+        found = _explain_block(window, block_size, digest)
+        if found is None:
             return None
-        gaps.append((index, gap))
-        offset += block_size + gap
-    return StreamMatch(tuple(offsets), tuple(gaps))
+        block_gaps, content = found
+        gaps.extend((index, gap) for gap in block_gaps)
+        contents.append(content)
+        offset += block_size + sum(block_gaps)
+    return StreamMatch(tuple(offsets), tuple(gaps), tuple(contents))
 
 
-def _find_gap(window: bytes, block_size: int, digest: bytes) -> int | None:
-    for cut in range(0, block_size, HWRNG_GRANULE):
+def _explain_block(
+    window: bytes, block_size: int, digest: bytes
+) -> tuple[list[int], bytes] | None:
+    """The fewest whole-granule gaps that make ``window`` hash to ``digest``, and the bytes."""
+    for count in range(MAX_GAPS_PER_BLOCK + 1):
+        found = _with_gaps(window, block_size, digest, count, 0, b"", [])
+        if found is not None:
+            return found
+    return None
+
+
+def _with_gaps(
+    window: bytes, size: int, digest: bytes, count: int, cut_from: int, head: bytes,
+    taken: list[int],
+) -> tuple[list[int], bytes] | None:
+    """Try ``count`` more gaps at granule boundaries at or after ``cut_from`` of the output.
+
+    ``head`` is the output so far and ``window`` the stream from where ``head`` ends;
+    with no gaps left, the rest of the block is the stream's next bytes.
+    """
+    if count == 0:
+        candidate = head + window[: size - len(head)]
+        return (taken, candidate) if hashlib.sha256(candidate).digest() == digest else None
+    for cut in range(cut_from, size, HWRNG_GRANULE):
+        prefix = head + window[: cut - len(head)]
         for granules in range(1, MAX_GAP_GRANULES + 1):
             gap = granules * HWRNG_GRANULE
-            candidate = window[:cut] + window[cut + gap : block_size + gap]
-            if hashlib.sha256(candidate).digest() == digest:
-                return gap
+            found = _with_gaps(window[cut - len(head) + gap :], size, digest, count - 1,
+                               cut + HWRNG_GRANULE, prefix, [*taken, gap])
+            if found is not None:
+                return found
     return None
 
 

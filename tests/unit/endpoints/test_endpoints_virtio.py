@@ -637,3 +637,28 @@ def test_block_matching_explains_only_whole_granule_gaps() -> None:
     bad = [hashlib.sha256(corrupted[i : i + block]).digest() for i in range(0, 3 * block, block)]
     assert match_stream_blocks(SEED, 100, bad, block) is None
     assert match_stream_blocks(SEED, 132, digests, block) is None
+
+
+def test_block_matching_explains_a_take_straddling_the_drivers_buffer() -> None:
+    # A fill-kthread take split across virtio-rng's internal buffer: the guest's
+    # block misses 32 bytes, keeps the next 32, then misses 32 more.
+    block = 4096
+    stream = expected_stream(SEED, 0, 4 * block)
+    cut = 1024
+    read = stream[:cut] + stream[cut + 32 : cut + 64] + stream[cut + 96 : block + 64]
+    assert len(read) == block
+    match = match_stream_blocks(SEED, 0, [hashlib.sha256(read).digest()], block)
+    assert match is not None
+    assert match.gaps == ((0, 32), (0, 32)) and match.skipped == 64
+    assert match.block_bytes == (read,)
+
+
+def test_block_matching_refuses_three_gaps_and_reports_the_bytes_it_compared() -> None:
+    block = 1024
+    stream = expected_stream(SEED, 0, 4 * block)
+    whole = [stream[i : i + block] for i in range(0, 2 * block, block)]
+    match = match_stream_blocks(SEED, 0, [hashlib.sha256(b).digest() for b in whole], block)
+    assert match is not None and match.gaps == () and match.block_bytes == tuple(whole)
+    three = stream[:96] + stream[128:160] + stream[192:224] + stream[256 : block + 96]
+    assert len(three) == block
+    assert match_stream_blocks(SEED, 0, [hashlib.sha256(three).digest()], block) is None
