@@ -31,10 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import QMPClient, QMPError
 
 from guest_images.initramfs import READY_MARKER
 from qmp_harness.console import Console, ConsoleError
+from qmp_harness.events import EventLog
 from qmp_harness.provision import QemuInstall
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,7 @@ class Machine:
         self.qmp_socket = self.workdir / "qmp.sock"
         self.console_socket = self.workdir / "console.sock"
         self.qmp = QMPClient(name)
-        self.events: list[Mapping[str, Any]] = []
-        self._listener = EventListener()
-        self._event_task: asyncio.Task[None] | None = None
-        self._event_seen = asyncio.Event()
+        self.event_log = EventLog(self.name)
         self._console: Console | None = None
         self._process: _Process | None = None
 
@@ -157,6 +155,11 @@ class Machine:
         if self._console is None:
             raise BootError(f"machine {self.name}: console used before start()")
         return self._console
+
+    @property
+    def events(self) -> list[Mapping[str, Any]]:
+        """Every QMP event QEMU sent since :meth:`start`, in order."""
+        return self.event_log.events
 
     @property
     def pid(self) -> int | None:
@@ -196,8 +199,7 @@ class Machine:
         except (TimeoutError, OSError, QMPError) as exc:
             await self.shutdown()
             raise BootError(self.failure_report(f"QEMU did not come up: {exc!r}")) from exc
-        self.qmp.register_listener(self._listener)
-        self._event_task = asyncio.create_task(self._collect_events(), name=f"{self.name}-events")
+        self.event_log.attach(self.qmp)
         if not paused:
             await self.resume()
 
@@ -221,12 +223,6 @@ class Machine:
             await self.qmp.connect(str(self.qmp_socket))
 
         await self._retry(connect)
-
-    async def _collect_events(self) -> None:
-        async for event in self._listener:
-            log.debug("%s event: %s", self.name, event)
-            self.events.append(event)
-            self._event_seen.set()
 
     async def resume(self) -> None:
         """Let the guest run (QMP ``cont``)."""
@@ -263,13 +259,7 @@ class Machine:
 
         Raises TimeoutError if none arrives within ``timeout`` seconds.
         """
-        async with asyncio.timeout(timeout):
-            while True:
-                for event in self.events[since:]:
-                    if event["event"] == name:
-                        return event
-                self._event_seen.clear()
-                await self._event_seen.wait()
+        return await self.event_log.wait(name, timeout, since=since)
 
     # -- shutdown and reports ---------------------------------------------
 
@@ -320,11 +310,7 @@ class Machine:
         # QEMU closing the socket first surfaces here as EOFError: expected on quit.
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self.qmp.disconnect()
-        if self._event_task is not None:
-            self._event_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._event_task
-            self._event_task = None
+        await self.event_log.close()
         if self._console is not None:
             await self._console.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import QMPClient, QMPError
 
 from guest_images.initramfs import InitFragment, build_initramfs
 from guest_images.kernel import GuestKernel
@@ -60,6 +60,7 @@ from qmp_harness.devicetree import (
     virt_intx_spi,
     write_dtb,
 )
+from qmp_harness.events import EventLog
 from qmp_harness.machine import DEFAULT_APPEND, BootError, Machine, MachineConfig
 from qmp_harness.provision import QemuInstall
 
@@ -250,10 +251,7 @@ class NestedMachine:
         self.socket_dir = self.workdir / "s"
         self.service_log = self.workdir / "service.log"
         self.service_qmp = QMPClient(f"{name}-service")
-        self.service_events: list[Mapping[str, Any]] = []
-        self._service_event_seen = asyncio.Event()
-        self._service_listener = EventListener()
-        self._service_event_task: asyncio.Task[None] | None = None
+        self.service_event_log = EventLog(f"{name}-service")
         self._service_proc: asyncio.subprocess.Process | None = None
         self._vm: Machine | None = None
         self.smmu_bar: int | None = None
@@ -266,6 +264,11 @@ class NestedMachine:
         if self._vm is None:
             raise NestedBootError(f"{self.name}: machine used before start()")
         return self._vm
+
+    @property
+    def service_events(self) -> list[Mapping[str, Any]]:
+        """Every QMP event the service sent since :meth:`start`, in order."""
+        return self.service_event_log.events
 
     @property
     def endpoints(self) -> Sequence[NestedEndpoint]:
@@ -351,15 +354,7 @@ class NestedMachine:
                         await self.service_qmp.connect(str(qmp_socket))
                         break
                 await asyncio.sleep(POLL_INTERVAL)
-        self.service_qmp.register_listener(self._service_listener)
-        self._service_event_task = asyncio.create_task(self._collect_service_events(),
-                                                        name=f"{self.name}-service-events")
-
-    async def _collect_service_events(self) -> None:
-        async for event in self._service_listener:
-            log.debug("%s service event: %s", self.name, event)
-            self.service_events.append(event)
-            self._service_event_seen.set()
+        self.service_event_log.attach(self.service_qmp)
 
     async def verify_smmu_bar(self, timeout: float = BAR_TIMEOUT) -> int:
         """Wait for ``/init`` to enable the SMMU function; check sysfs and ``query-pci``.
@@ -392,11 +387,7 @@ class NestedMachine:
                 log.exception("%s: QEMU shutdown failed", self.name)
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self.service_qmp.disconnect()
-        if self._service_event_task is not None:
-            self._service_event_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._service_event_task
-            self._service_event_task = None
+        await self.service_event_log.close()
         proc = self._service_proc
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -441,16 +432,7 @@ class NestedMachine:
 
         Raises TimeoutError if none arrives in time.
         """
-        wanted = dict(match or {})
-        async with asyncio.timeout(timeout):
-            while True:
-                for event in self.service_events[since:]:
-                    data = event.get("data", {})
-                    if event["event"] == name and all(data.get(k) == v
-                                                      for k, v in wanted.items()):
-                        return event
-                self._service_event_seen.clear()
-                await self._service_event_seen.wait()
+        return await self.service_event_log.wait(name, timeout, since=since, match=match)
 
     async def sh(self, command: str, timeout: float = 60.0) -> str:
         """Run ``command`` in the guest; return its output. Raises NestedBootError on status≠0."""
