@@ -12,18 +12,21 @@ command queue).  Ours is the e2e recipe (:class:`qmp_harness.nested.NestedMachin
   bytes from ``/dev/hwrng`` (checked: the count printed must be complete).
   One boot per sample.
 * **B2**: MB/s of ``head -c N /dev/hwrng`` in that same boot, timed on the
-  host around the console command minus an empty command's round trip.
+  host around the console command minus an empty command's round trip;
+  :data:`READS_PER_BOOT` samples per boot.
+
+Each round boots both guests one after the other, which one first rotating
+from round to round (:func:`benchmarks.report.round_order`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 
 from benchmarks import guests
-from benchmarks.report import BenchmarkError, Section, Settings
+from benchmarks.report import BenchmarkError, RoundBenchmark, Section, Settings, round_order
 from guest_images.initramfs import InitFragment
 from qmp_harness.console import Console, ConsoleError
 
@@ -36,6 +39,9 @@ HWRNG_WAIT_POLLS = 600
 HWRNG_POLL_S = 0.05
 OURS_BYTES, QEMU_BYTES = 128 * 1024, 1024 * 1024
 QUICK_OURS_BYTES, QUICK_QEMU_BYTES = 16 * 1024, 256 * 1024
+READS_PER_BOOT = 3
+"""B2 samples per boot (one with --quick): the median of more, shorter-spaced samples
+moved less from run to run than one read per boot."""
 RUN_TIMEOUT = 240.0
 BYTES_PER_MB = 1e6
 
@@ -75,39 +81,60 @@ async def throughput(console: Console, size: int, who: str) -> float:
     return size / BYTES_PER_MB / max(elapsed, 1e-6)
 
 
-async def _samples(settings: Settings) -> dict[str, list[float]]:
-    env = guests.environment(settings.cache)
-    ours_bytes = QUICK_OURS_BYTES if settings.quick else OURS_BYTES
-    qemu_bytes = QUICK_QEMU_BYTES if settings.quick else QEMU_BYTES
-    out: dict[str, list[float]] = {"b1_ours": [], "b1_qemu": [], "b2_ours": [], "b2_qemu": []}
-    for _ in range(settings.repeats):
+class DmaBenchmark(RoundBenchmark):
+    """B1 and B2 (module docstring): per round, one boot of each guest, in turn."""
+
+    ids = ("B1", "B2")
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.env = guests.environment(settings.cache)
+        self.ours_bytes = QUICK_OURS_BYTES if settings.quick else OURS_BYTES
+        self.qemu_bytes = QUICK_QEMU_BYTES if settings.quick else QEMU_BYTES
+        self.reads = 1 if settings.quick else READS_PER_BOOT
+        self.samples: dict[str, list[float]] = {
+            "b1_ours": [], "b1_qemu": [], "b2_ours": [], "b2_qemu": []}
+
+    async def _qemu_boot(self) -> None:
         start = time.perf_counter()
-        async with guests.qemu_smmu_guest(env, fragments=[FIRST_DMA], append=[STRICT]) as vm:
-            out["b1_qemu"].append(time.perf_counter() - start)
+        async with guests.qemu_smmu_guest(self.env, fragments=[FIRST_DMA],
+                                          append=[STRICT]) as vm:
+            self.samples["b1_qemu"].append(time.perf_counter() - start)
             check_first_dma(vm.console, "QEMU SMMUv3 guest")
-            out["b2_qemu"].append(await throughput(vm.console, qemu_bytes, "QEMU SMMUv3 guest"))
+            for _ in range(self.reads):
+                self.samples["b2_qemu"].append(
+                    await throughput(vm.console, self.qemu_bytes, "QEMU SMMUv3 guest"))
+
+    async def _our_boot(self) -> None:
         start = time.perf_counter()
-        async with guests.our_guest(env, fragments=[FIRST_DMA], append=[STRICT]) as nested:
-            out["b1_ours"].append(time.perf_counter() - start)
+        async with guests.our_guest(self.env, fragments=[FIRST_DMA], append=[STRICT]) as nested:
+            self.samples["b1_ours"].append(time.perf_counter() - start)
             check_first_dma(nested.vm.console, "vSMMU guest")
-            out["b2_ours"].append(await throughput(nested.vm.console, ours_bytes, "vSMMU guest"))
-    return out
+            for _ in range(self.reads):
+                self.samples["b2_ours"].append(
+                    await throughput(nested.vm.console, self.ours_bytes, "vSMMU guest"))
 
+    async def round(self, index: int) -> None:
+        """Boot both guests, one after the other (which first rotates)."""
+        boots = [self._qemu_boot, self._our_boot]
+        for which in round_order(index, len(boots)):
+            await boots[which]()
 
-def run(settings: Settings) -> list[Section]:
-    """Measure B1 and B2 (module docstring); they share the boots."""
-    samples = asyncio.run(_samples(settings))
-    b1 = Section("B1", f"boot to first verified /dev/hwrng read ({STRICT})")
-    ours = b1.figure("B1.ours", "boot to first DMA, our vSMMU + our virtio-rng", "s",
-                     samples["b1_ours"], higher_is_better=False)
-    qemu = b1.figure("B1.qemu", "boot to first DMA, QEMU SMMUv3 + virtio-rng-pci", "s",
-                     samples["b1_qemu"], higher_is_better=False)
-    b1.ratio("B1.ratio", "boot to first DMA: ours / QEMU", ours, qemu)
-    b1.notes.append("ours includes starting vsmmu serve and dumping/patching the DT")
-    b2 = Section("B2", f"/dev/hwrng throughput through the vIOMMU ({STRICT})")
-    ours = b2.figure("B2.ours", "hwrng read, our vSMMU + our virtio-rng", "MB/s",
-                     samples["b2_ours"], higher_is_better=True)
-    qemu = b2.figure("B2.qemu", "hwrng read, QEMU SMMUv3 + virtio-rng-pci", "MB/s",
-                     samples["b2_qemu"], higher_is_better=True)
-    b2.ratio("B2.ratio", "hwrng MB/s: ours / QEMU", ours, qemu)
-    return [b1, b2]
+    def sections(self) -> list[Section]:
+        """The B1 and B2 sections (they share the boots)."""
+        samples = self.samples
+        b1 = Section("B1", f"boot to first verified /dev/hwrng read ({STRICT})")
+        ours = b1.figure("B1.ours", "boot to first DMA, our vSMMU + our virtio-rng", "s",
+                         samples["b1_ours"], higher_is_better=False)
+        qemu = b1.figure("B1.qemu", "boot to first DMA, QEMU SMMUv3 + virtio-rng-pci", "s",
+                         samples["b1_qemu"], higher_is_better=False)
+        b1.ratio("B1.ratio", "boot to first DMA: ours / QEMU", ours, qemu)
+        b1.notes.append("ours includes starting vsmmu serve and dumping/patching the DT")
+        b2 = Section("B2", f"/dev/hwrng throughput through the vIOMMU ({STRICT})")
+        ours = b2.figure("B2.ours", "hwrng read, our vSMMU + our virtio-rng", "MB/s",
+                         samples["b2_ours"], higher_is_better=True)
+        qemu = b2.figure("B2.qemu", "hwrng read, QEMU SMMUv3 + virtio-rng-pci", "MB/s",
+                         samples["b2_qemu"], higher_is_better=True)
+        b2.ratio("B2.ratio", "hwrng MB/s: ours / QEMU", ours, qemu)
+        b2.notes.append(f"{self.reads} read(s) of /dev/hwrng per boot, each a sample")
+        return [b1, b2]

@@ -13,22 +13,23 @@ It runs against
   REGION_READ of 4 bytes (request = header + offset/region/count; reply =
   the same + the data).
 
-Each guest gets one boot; the program runs ``repeats`` times in it.
+Every round boots both guests and, with both up, runs the QEMU probe, our
+probe and the floor once each, in an order rotated per round
+(:func:`benchmarks.report.round_order`), so host noise lands on all three.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 import re
 import socket
 import time
-from collections.abc import Callable
 
 from benchmarks import guests
 from benchmarks.a64 import RESULT_SIZE, mmio_loop_elf
-from benchmarks.report import BenchmarkError, Section, Settings
+from benchmarks.report import BenchmarkError, RoundBenchmark, Section, Settings, round_order
 from qmp_harness.console import Console, ConsoleError
 from qmp_harness.nested import EXPECTED_SMMU_BAR
 from vsmmu.arch.registers import Reg
@@ -109,77 +110,84 @@ async def run_probe(console: Console, reads: int) -> tuple[float, int]:
     return (mmio_ns - ram_ns) / reads / NS_PER_US, value
 
 
-async def probe_series(console: Console, reads: int, repeats: int,
-                       check: Callable[[int], None]) -> list[float]:
-    """``repeats`` probe runs; ``check`` vets the register value of each."""
-    samples = []
-    for _ in range(repeats):
-        per_read, value = await run_probe(console, reads)
-        check(value)
-        samples.append(per_read)
-    return samples
+class TrapBenchmark(RoundBenchmark):
+    """B3 (module docstring): per round, both guests booted, then both probes and the floor.
 
+    ``guest=False`` measures the floor only (the guest figures are reported as not
+    measured).
+    """
 
-def _expect_value(expected: int, where: str) -> Callable[[int], None]:
-    def check(value: int) -> None:
-        if value != expected:
-            raise BenchmarkError(f"{where}: IDR0 read {value:#x}, expected {expected:#x}")
-    return check
+    ids = ("B3",)
 
+    def __init__(self, settings: Settings, *, guest: bool = True) -> None:
+        super().__init__(settings)
+        self.guest = guest
+        self.ours_reads = QUICK_OURS_READS if settings.quick else OURS_READS
+        self.qemu_reads = QUICK_QEMU_READS if settings.quick else QEMU_READS
+        self.trips = QUICK_FLOOR_ROUND_TRIPS if settings.quick else FLOOR_ROUND_TRIPS
+        self.ours_idr0 = SmmuFeatures().id_registers()[Reg.IDR0]
+        self.qemu_fragment = guests.program_fragment(
+            "mmio-qemu", PROBE_PATH, mmio_loop_elf(QEMU_SMMU_BASE_IDR0, self.qemu_reads))
+        self.ours_fragment = guests.program_fragment(
+            "mmio-ours", PROBE_PATH, mmio_loop_elf(EXPECTED_SMMU_BAR + Reg.IDR0,
+                                                   self.ours_reads))
+        self.floor: list[float] = []
+        self.ours: list[float] = []
+        self.qemu: list[float] = []
+        self.qemu_idr0 = 0
 
-def _expect_nonzero(where: str) -> Callable[[int], None]:
-    def check(value: int) -> None:
-        if value == 0:
-            raise BenchmarkError(f"{where}: IDR0 read 0, expected the SMMU's ID register")
-    return check
+    async def round(self, index: int) -> None:
+        """One sample of the floor, and (with guests) of both probes, in turn."""
+        if not self.guest:
+            self.floor.append(socket_floor(self.trips))
+            return
+        env = guests.environment(self.settings.cache)
+        async with contextlib.AsyncExitStack() as stack:
+            vm = await stack.enter_async_context(guests.qemu_smmu_guest(
+                env, fragments=[self.qemu_fragment], append=[guests.RELAXED_IOMEM]))
+            nested = await stack.enter_async_context(guests.our_guest(
+                env, fragments=[self.ours_fragment], append=[guests.RELAXED_IOMEM]))
 
+            async def qemu_sample() -> None:
+                per_read, value = await run_probe(vm.console, self.qemu_reads)
+                if value == 0:
+                    raise BenchmarkError("QEMU SMMUv3: IDR0 read 0, expected the SMMU's ID "
+                                         "register")
+                self.qemu_idr0 = value
+                self.qemu.append(per_read)
 
-async def _guest_samples(settings: Settings) -> tuple[list[float], list[float], int]:
-    env = guests.environment(settings.cache)
-    ours_reads = QUICK_OURS_READS if settings.quick else OURS_READS
-    qemu_reads = QUICK_QEMU_READS if settings.quick else QEMU_READS
-    ours_idr0 = SmmuFeatures().id_registers()[Reg.IDR0]
-    qemu_fragment = guests.program_fragment(
-        "mmio-qemu", PROBE_PATH, mmio_loop_elf(QEMU_SMMU_BASE_IDR0, qemu_reads))
-    qemu_idr0 = 0
+            async def ours_sample() -> None:
+                per_read, value = await run_probe(nested.vm.console, self.ours_reads)
+                if value != self.ours_idr0:
+                    raise BenchmarkError(f"our vSMMU: IDR0 read {value:#x}, expected "
+                                         f"{self.ours_idr0:#x}")
+                self.ours.append(per_read)
 
-    def remember(value: int) -> None:
-        nonlocal qemu_idr0
-        _expect_nonzero("QEMU SMMUv3")(value)
-        qemu_idr0 = value
+            async def floor_sample() -> None:
+                self.floor.append(socket_floor(self.trips))
 
-    async with guests.qemu_smmu_guest(env, fragments=[qemu_fragment],
-                                      append=[guests.RELAXED_IOMEM]) as vm:
-        qemu = await probe_series(vm.console, qemu_reads, settings.repeats, remember)
-    ours_fragment = guests.program_fragment(
-        "mmio-ours", PROBE_PATH, mmio_loop_elf(EXPECTED_SMMU_BAR + Reg.IDR0, ours_reads))
-    async with guests.our_guest(env, fragments=[ours_fragment],
-                                append=[guests.RELAXED_IOMEM]) as nested:
-        ours = await probe_series(nested.vm.console, ours_reads, settings.repeats,
-                                  _expect_value(ours_idr0, "our vSMMU"))
-    return ours, qemu, qemu_idr0
+            samplers = [qemu_sample, ours_sample, floor_sample]
+            for which in round_order(index, len(samplers)):
+                await samplers[which]()
 
-
-def run(settings: Settings, *, guest: bool = True) -> Section:
-    """Measure B3 (module docstring); ``guest=False`` measures the floor only."""
-    section = Section("B3", "trap round trip: guest read of SMMU IDR0")
-    trips = QUICK_FLOOR_ROUND_TRIPS if settings.quick else FLOOR_ROUND_TRIPS
-    floor = section.figure("B3.floor", f"unix socket echo {REQUEST_SIZE} B -> {REPLY_SIZE} B "
-                           "(floor)", "µs", [socket_floor(trips) for _ in range(settings.repeats)],
-                           higher_is_better=False)
-    if not guest:
-        for key, label in (("B3.ours", "IDR0 read, our vSMMU"),
-                           ("B3.qemu", "IDR0 read, QEMU SMMUv3")):
-            section.missing(key, label, "guest runs skipped (floor only)")
-        return section
-    ours_samples, qemu_samples, qemu_idr0 = asyncio.run(_guest_samples(settings))
-    ours = section.figure("B3.ours", "IDR0 read, our vSMMU (vfio-user BAR)", "µs", ours_samples,
-                          higher_is_better=False)
-    qemu = section.figure("B3.qemu", "IDR0 read, QEMU SMMUv3 (in-process)", "µs", qemu_samples,
-                          higher_is_better=False)
-    section.ratio("B3.ratio_qemu", "IDR0 read: ours / QEMU", ours, qemu)
-    section.ratio("B3.ratio_floor", "IDR0 read: ours / socket floor", ours, floor)
-    section.notes.append(f"tight loop of ldr w over /dev/mem minus the same loop over RAM; "
-                         f"QEMU's IDR0 read {qemu_idr0:#x}; floor is Python<->Python, two "
-                         "processes, blocking sockets")
-    return section
+    def sections(self) -> list[Section]:
+        """The B3 section."""
+        section = Section("B3", "trap round trip: guest read of SMMU IDR0")
+        floor = section.figure("B3.floor", f"unix socket echo {REQUEST_SIZE} B -> {REPLY_SIZE} "
+                               "B (floor)", "µs", self.floor, higher_is_better=False)
+        if not self.guest:
+            for key, label in (("B3.ours", "IDR0 read, our vSMMU"),
+                               ("B3.qemu", "IDR0 read, QEMU SMMUv3")):
+                section.missing(key, label, "guest runs skipped (floor only)")
+            return [section]
+        ours = section.figure("B3.ours", "IDR0 read, our vSMMU (vfio-user BAR)", "µs", self.ours,
+                              higher_is_better=False)
+        qemu = section.figure("B3.qemu", "IDR0 read, QEMU SMMUv3 (in-process)", "µs", self.qemu,
+                              higher_is_better=False)
+        section.ratio("B3.ratio_qemu", "IDR0 read: ours / QEMU", ours, qemu)
+        section.ratio("B3.ratio_floor", "IDR0 read: ours / socket floor", ours, floor)
+        section.notes.append(f"tight loop of ldr w over /dev/mem minus the same loop over RAM; "
+                             f"QEMU's IDR0 read {self.qemu_idr0:#x}; floor is Python<->Python, "
+                             "two processes, blocking sockets; per round both guests boot, then "
+                             "the two probes and the floor take turns")
+        return [section]

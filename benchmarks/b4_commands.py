@@ -9,7 +9,8 @@ Commands/s counts every command consumed, the CMD_SYNCs included.
 
 Baseline in the same run: the same model and queue with a
 :class:`~vsmmu.smmu.NullConfigSink` (no translator, no backend), so the ratio
-is the share of time the nesting path leaves to the guest.
+is the share of time the nesting path leaves to the guest.  Its samples
+alternate with ours (:func:`benchmarks.report.sample_round`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from benchmarks.report import BenchmarkError, Section, Settings, repeat
+from benchmarks.report import BenchmarkError, RoundBenchmark, Section, Settings, sample_round
 from vsmmu.arch import CmdOpcode, Ste, SteConfig, encode_command
 from vsmmu.arch.commands import COMMAND_SIZE, SyncCs, TlbiTg
 from vsmmu.arch.registers import GERROR, Reg
@@ -114,22 +115,38 @@ COMMANDS: dict[str, tuple[str, bytes]] = {
 }
 
 
-def run(settings: Settings) -> Section:
-    """Measure B4 (see the module docstring)."""
-    section = Section("B4", "command throughput (model + translator + sim)")
-    batches = QUICK_BATCHES if settings.quick else BATCHES
-    for key, (name, command) in COMMANDS.items():
-        ours = CommandRig(_nesting_sink, command)
-        base = CommandRig(_null_sink, command)
-        ours.run(1)  # warm caches (HWPT lookup, dict sizes) outside the samples
-        base.run(1)
-        full = section.figure(f"B4.{key}", f"{name}+CMD_SYNC x{BATCH}: model+translator+sim",
-                              "commands/s", repeat(settings, partial(ours.run, batches)),
-                              higher_is_better=True)
-        null = section.figure(f"B4.{key}_null", f"{name}+CMD_SYNC x{BATCH}: model, null sink",
-                              "commands/s", repeat(settings, partial(base.run, batches)),
-                              higher_is_better=True)
-        section.ratio(f"B4.{key}_ratio", f"{name}: full path / model alone", full, null)
-    section.notes.append(f"batches of {BATCH - 1} commands + CMD_SYNC; per batch the guest "
-                         "writes CMDQ_PROD once and reads CMDQ_CONS once; SYNCs are counted")
-    return section
+class CommandBenchmark(RoundBenchmark):
+    """B4 (module docstring): per round, each command kind through ours and the baseline."""
+
+    ids = ("B4",)
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.batches = QUICK_BATCHES if settings.quick else BATCHES
+        self.rigs = {key: (CommandRig(_nesting_sink, command), CommandRig(_null_sink, command))
+                     for key, (_name, command) in COMMANDS.items()}
+        self.samples: dict[str, tuple[list[float], list[float]]] = {
+            key: ([], []) for key in COMMANDS}
+
+    async def round(self, index: int) -> None:
+        """One sample of every figure, ours and its baseline in turn."""
+        for key, (ours, base) in self.rigs.items():
+            full, null = sample_round(self.settings, index, [
+                partial(ours.run, self.batches), partial(base.run, self.batches)])
+            self.samples[key][0].append(full)
+            self.samples[key][1].append(null)
+
+    def sections(self) -> list[Section]:
+        """The B4 section."""
+        section = Section("B4", "command throughput (model + translator + sim)")
+        for key, (name, _command) in COMMANDS.items():
+            full_samples, null_samples = self.samples[key]
+            full = section.figure(f"B4.{key}",
+                                  f"{name}+CMD_SYNC x{BATCH}: model+translator+sim",
+                                  "commands/s", full_samples, higher_is_better=True)
+            null = section.figure(f"B4.{key}_null", f"{name}+CMD_SYNC x{BATCH}: model, null sink",
+                                  "commands/s", null_samples, higher_is_better=True)
+            section.ratio(f"B4.{key}_ratio", f"{name}: full path / model alone", full, null)
+        section.notes.append(f"batches of {BATCH - 1} commands + CMD_SYNC; per batch the guest "
+                             "writes CMDQ_PROD once and reads CMDQ_CONS once; SYNCs are counted")
+        return [section]

@@ -12,6 +12,8 @@ consecutive pages.  Measured with :meth:`SimIommufd.dma_read`:
 
 Baseline in the same run: a plain ``memoryview`` slice copy of the same size
 out of the same RAM, i.e. what a translation-free device model would pay.
+Hits, misses and copies are sampled in turn, round by round
+(:func:`benchmarks.report.sample_round`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import time
 from functools import partial
 
-from benchmarks.report import BenchmarkError, Section, Settings, repeat
+from benchmarks.report import BenchmarkError, RoundBenchmark, Section, Settings, sample_round
 from vsmmu.arch.cd import CD, Tg0
 from vsmmu.arch.commands import CMD, CmdOpcode
 from vsmmu.arch.pagetables import DESC, Ap
@@ -168,28 +170,50 @@ class NestedTable:
         return reads / (elapsed / 1e9)
 
 
-def run(settings: Settings) -> Section:
-    """Measure B5 (see the module docstring)."""
-    section = Section("B5", "sim translation throughput (nested, 4-level 4K S1)")
-    table = NestedTable()
-    table.check()
-    sizes = QUICK_SIZES if settings.quick else SIZES
-    reads = QUICK_HIT_READS if settings.quick else HIT_READS
-    passes = QUICK_MISS_PASSES if settings.quick else MISS_PASSES
-    for size in sizes:
-        hit = section.figure(f"B5.hit_{size}", f"IOTLB hit, dma_read {size} B",
-                             "translations/s",
-                             repeat(settings, partial(table.hits, size, reads)),
-                             higher_is_better=True)
-        miss = section.figure(f"B5.miss_{size}", f"IOTLB miss (4-level walk), dma_read {size} B",
-                              "translations/s",
-                              repeat(settings, partial(table.misses, size, passes)),
-                              higher_is_better=True)
-        copy = section.figure(f"B5.copy_{size}", f"memoryview copy {size} B (baseline)",
-                              "copies/s", repeat(settings, partial(table.memcpy, size, reads)),
-                              higher_is_better=True)
-        section.ratio(f"B5.hit_{size}_ratio", f"hit {size} B / memoryview copy", hit, copy)
-        section.ratio(f"B5.miss_{size}_ratio", f"miss {size} B / memoryview copy", miss, copy)
-    section.notes.append(f"{PAGES} pages of one last-level table; misses follow an untimed "
-                         "TLBI_NH_ALL and are checked to walk once per read")
-    return section
+FIGURES = ("hit", "miss", "copy")
+
+
+class TranslationBenchmark(RoundBenchmark):
+    """B5 (module docstring): per round and size, a hit, a miss and a copy sample in turn."""
+
+    ids = ("B5",)
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.table = NestedTable()
+        self.table.check()
+        self.sizes = QUICK_SIZES if settings.quick else SIZES
+        self.reads = QUICK_HIT_READS if settings.quick else HIT_READS
+        self.passes = QUICK_MISS_PASSES if settings.quick else MISS_PASSES
+        self.samples: dict[tuple[str, int], list[float]] = {
+            (figure, size): [] for figure in FIGURES for size in self.sizes}
+
+    async def round(self, index: int) -> None:
+        """One sample of every figure."""
+        table = self.table
+        for size in self.sizes:
+            taken = sample_round(self.settings, index, [
+                partial(table.hits, size, self.reads), partial(table.misses, size, self.passes),
+                partial(table.memcpy, size, self.reads)])
+            for figure, value in zip(FIGURES, taken, strict=True):
+                self.samples[figure, size].append(value)
+
+    def sections(self) -> list[Section]:
+        """The B5 section."""
+        section = Section("B5", "sim translation throughput (nested, 4-level 4K S1)")
+        for size in self.sizes:
+            hit = section.figure(f"B5.hit_{size}", f"IOTLB hit, dma_read {size} B",
+                                 "translations/s", self.samples["hit", size],
+                                 higher_is_better=True)
+            miss = section.figure(f"B5.miss_{size}",
+                                  f"IOTLB miss (4-level walk), dma_read {size} B",
+                                  "translations/s", self.samples["miss", size],
+                                  higher_is_better=True)
+            copy = section.figure(f"B5.copy_{size}", f"memoryview copy {size} B (baseline)",
+                                  "copies/s", self.samples["copy", size], higher_is_better=True)
+            section.ratio(f"B5.hit_{size}_ratio", f"hit {size} B / memoryview copy", hit, copy)
+            section.ratio(f"B5.miss_{size}_ratio", f"miss {size} B / memoryview copy", miss,
+                          copy)
+        section.notes.append(f"{PAGES} pages of one last-level table; misses follow an untimed "
+                             "TLBI_NH_ALL and are checked to walk once per read")
+        return [section]

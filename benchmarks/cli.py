@@ -1,21 +1,25 @@
 """Command line: ``python -m benchmarks --cache .cache [--quick] [--only B4,B5] [--json PATH]``.
 
-Runs the chosen benchmarks in one process, prints one table and writes the
-JSON file.  Exit status 0 when every chosen benchmark produced its figures
-or said why it could not; 1 when one of them failed (a broken path).
+Runs the chosen benchmarks in one process, round by round, prints one table and writes the
+JSON file; the file it replaces is kept as ``<name>.previous.json`` and the
+new run is compared with it (:mod:`benchmarks.compare`).  Exit status 0 when
+every chosen benchmark produced its figures or said why it could not; 1 when
+one of them failed (a broken path).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import b1b2_dma, b3_trap, b4_commands, b5_translation
+from benchmarks import b1b2_dma, b3_trap, b4_commands, b5_translation, compare
 from benchmarks.report import (
     BenchmarkError,
+    RoundBenchmark,
     Section,
     Settings,
     environment,
@@ -28,20 +32,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_REPEATS = 5
 
 
-def _one(run: Callable[[Settings], Section]) -> Callable[[Settings], list[Section]]:
-    return lambda settings: [run(settings)]
-
-
-GROUPS: list[tuple[tuple[str, ...], Callable[[Settings], list[Section]]]] = [
-    (("B4",), _one(b4_commands.run)),
-    (("B5",), _one(b5_translation.run)),
-    (("B1", "B2"), b1b2_dma.run),
-    (("B3",), _one(b3_trap.run)),
+BENCHMARK_CLASSES: list[type[RoundBenchmark]] = [
+    b4_commands.CommandBenchmark,
+    b5_translation.TranslationBenchmark,
+    b1b2_dma.DmaBenchmark,
+    b3_trap.TrapBenchmark,
 ]
-"""Benchmark ids and the function measuring them (B1 and B2 share their boots), in the
-order they run: the in-process ones first, before any guest has run, because a QEMU
-that is still being torn down slowed the first B4 samples by a third."""
-BENCHMARKS = sorted(bench_id for ids, _run in GROUPS for bench_id in ids)
+"""Every benchmark (B1 and B2 share their boots), in the order each round runs them: the
+in-process ones first, each after a short discarded warm-up, then the guests."""
+BENCHMARKS = sorted(bench_id for cls in BENCHMARK_CLASSES for bench_id in cls.ids)
 
 
 def _parse_only(text: str) -> list[str]:
@@ -53,27 +52,77 @@ def _parse_only(text: str) -> list[str]:
     return chosen
 
 
-def run_benchmarks(settings: Settings, chosen: list[str]) -> tuple[list[Section], list[str]]:
-    """Run ``chosen`` benchmarks; return their sections and the failures (as messages)."""
+def _failed(ids: Sequence[str], message: str) -> list[Section]:
+    sections = []
+    for bench_id in ids:
+        failed = Section(bench_id, "failed")
+        failed.missing(bench_id, bench_id, f"failed: {message.splitlines()[0]}")
+        sections.append(failed)
+    return sections
+
+
+async def _run_rounds(settings: Settings, chosen: list[str]
+                      ) -> tuple[list[Section], list[str]]:
+    benches: list[tuple[list[str], RoundBenchmark]] = []
     sections: list[Section] = []
     failures: list[str] = []
-    for ids, run in GROUPS:
-        wanted = [i for i in ids if i in chosen]
+    for cls in BENCHMARK_CLASSES:
+        wanted = [i for i in cls.ids if i in chosen]
         if not wanted:
             continue
-        start = time.monotonic()
-        logger.info("running %s", "+".join(wanted))
         try:
-            sections += [s for s in run(settings) if s.bench_id in wanted]
+            benches.append((wanted, cls(settings)))
         except BenchmarkError as exc:
             failures.append(f"{'+'.join(wanted)}: {exc}")
-            for bench_id in wanted:
-                failed = Section(bench_id, "failed")
-                failed.missing(bench_id, bench_id, f"failed: {str(exc).splitlines()[0]}")
-                sections.append(failed)
-        logger.info("%s took %.1f s", "+".join(wanted), time.monotonic() - start)
+            sections += _failed(wanted, str(exc))
+    for index in range(settings.repeats):
+        for wanted, bench in list(benches):
+            start = time.monotonic()
+            try:
+                await bench.round(index)
+            except BenchmarkError as exc:
+                failures.append(f"{'+'.join(wanted)}: {exc}")
+                sections += _failed(wanted, str(exc))
+                benches.remove((wanted, bench))
+            logger.info("%s round %d took %.1f s", "+".join(wanted), index,
+                        time.monotonic() - start)
+    for wanted, bench in benches:
+        sections += [s for s in bench.sections() if s.bench_id in wanted]
+    return sections, failures
+
+
+def run_benchmarks(settings: Settings, chosen: list[str]) -> tuple[list[Section], list[str]]:
+    """Run ``chosen`` benchmarks round by round; return their sections and the failures.
+
+    Round ``i`` takes sample ``i`` of every chosen benchmark before round ``i + 1``
+    starts (:class:`~benchmarks.report.RoundBenchmark` says why).
+    """
+    sections, failures = asyncio.run(_run_rounds(settings, chosen))
     sections.sort(key=lambda section: BENCHMARKS.index(section.bench_id))
     return sections, failures
+
+
+def _previous_run(json_path: Path) -> Path | None:
+    """Keep the run at ``json_path`` (if any) as ``<name>.previous.json``; return that path."""
+    if not json_path.is_file():
+        return None
+    previous = json_path.with_suffix(".previous.json")
+    json_path.replace(previous)
+    return previous
+
+
+def _print_repeatability(previous: Path, current: Path) -> None:
+    try:
+        if compare.was_quick(previous):
+            return  # a smoke run's figures say nothing about repeatability
+        rows = compare.spreads([compare.load(previous), compare.load(current)])
+    except compare.CompareError as exc:
+        print(f"not compared with the previous run: {exc}")
+        return
+    tolerance = compare.DEFAULT_TOLERANCE
+    print(f"Against the previous run ({previous}): {compare.summary(rows, tolerance)}")
+    if any(row.spread > tolerance for row in rows):
+        print(compare.render(rows, tolerance, only_over=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     table = render_table(sections, env, settings)
     print(table)
     json_path = args.json if args.json is not None else args.cache / "bench" / "results.json"
+    previous = _previous_run(json_path)
     write_json(json_path, sections, env, settings)
     print(f"\n{time.monotonic() - started:.0f} s; JSON written to {json_path}")
+    if previous is not None and not settings.quick:
+        _print_repeatability(previous, json_path)
     for failure in failures:
         print(f"FAILED {failure}")
     return 1 if failures else 0

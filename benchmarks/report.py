@@ -10,6 +10,7 @@ of a made-up number.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import gc
@@ -18,6 +19,7 @@ import logging
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -270,19 +272,79 @@ def write_json(path: Path, sections: Sequence[Section], env: dict[str, object],
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def repeat(settings: Settings, sample: Callable[[], float]) -> list[float]:
-    """Call ``sample`` ``settings.repeats`` times and return the samples.
+WARMUP_S = 0.3
+"""Seconds of discarded samples before each in-process round (the samples right after
+a guest's teardown, or after an idle host, ran slow)."""
 
-    Each sample starts from a collected heap and runs with the cyclic GC paused, so a
-    collection triggered by an earlier figure's garbage does not land inside a timed loop
-    (it moved short in-process figures by over 20% between runs).
+
+def _sample_quietly(sample: Callable[[], float]) -> float:
+    gc.collect()
+    gc.disable()
+    try:
+        return sample()
+    finally:
+        gc.enable()
+
+
+def round_order(round_index: int, count: int) -> list[int]:
+    """The order in which round ``round_index`` samples ``count`` interleaved figures.
+
+    Rotated by one each round, so no figure always runs first (right after the
+    previous round's last one) or last.
     """
-    samples: list[float] = []
-    for _ in range(settings.repeats):
-        gc.collect()
-        gc.disable()
-        try:
-            samples.append(sample())
-        finally:
-            gc.enable()
-    return samples
+    return [(round_index + step) % count for step in range(count)]
+
+
+def sample_round(settings: Settings, round_index: int,
+                 samplers: Sequence[Callable[[], float]], *,
+                 warmup_s: float | None = None) -> list[float]:
+    """One sample of every sampler, in :func:`round_order`; the samples in sampler order.
+
+    Figures that are compared (ours and its baseline) are sampled in turn, so a burst
+    of host noise or a drift of the host's speed lands on both sides instead of on
+    whichever ran at that moment.  The samplers first run for ``warmup_s`` seconds
+    (default :data:`WARMUP_S`, none for a quick run), discarded.  Each sample starts
+    from a collected heap and runs with the cyclic GC paused, so a collection
+    triggered by earlier garbage does not land inside a timed loop.
+    """
+    if warmup_s is None:
+        warmup_s = 0.0 if settings.quick else WARMUP_S
+    deadline = time.monotonic() + warmup_s
+    while time.monotonic() < deadline:
+        for sample in samplers:
+            _sample_quietly(sample)
+    out = [0.0] * len(samplers)
+    for index in round_order(round_index, len(samplers)):
+        out[index] = _sample_quietly(samplers[index])
+    return out
+
+
+class RoundBenchmark(abc.ABC):
+    """A benchmark measured round by round: each round takes one sample of each figure.
+
+    ``python -m benchmarks`` runs round 0 of every benchmark, then round 1 of every
+    benchmark, and so on, so each figure's samples are spread over the whole run
+    rather than bunched in a few seconds of it: this host's speed changes by a fifth
+    or more from one stretch of seconds to the next, and a figure measured in one
+    stretch moved with it from run to run.
+    """
+
+    ids: tuple[str, ...] = ()
+    """The benchmark ids whose sections this produces."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    async def round(self, index: int) -> None:
+        """Take sample ``index`` of every figure; BenchmarkError when a path breaks."""
+
+    @abc.abstractmethod
+    def sections(self) -> list[Section]:
+        """The sections with every sample taken so far."""
+
+    async def measure(self) -> list[Section]:
+        """All ``settings.repeats`` rounds on their own; the sections."""
+        for index in range(self.settings.repeats):
+            await self.round(index)
+        return self.sections()
