@@ -29,7 +29,7 @@ from benchmarks.report import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REPEATS = 5
+DEFAULT_REPEATS = 9
 
 
 BENCHMARK_CLASSES: list[type[RoundBenchmark]] = [

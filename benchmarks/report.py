@@ -1,9 +1,10 @@
 """What a benchmark run produces: figures with repeats, ratios, targets, a table and JSON.
 
 A :class:`Figure` is one measured quantity with one sample per repeat; the
-table shows its minimum and median.  A :class:`Ratio` divides the medians of
-two figures measured in the same run.  A :class:`Target` is one of the issue's
-goals; it is *reported* (met / not met / not measured), never asserted.
+table shows its minimum and median.  A :class:`Ratio` compares two figures
+measured side by side in the same run (the median of their per-round
+ratios).  A :class:`Target` is one of the issue's goals; it is *reported*
+(met / not met / not measured), never asserted.
 A benchmark that cannot run says so with a :class:`NotMeasured` entry instead
 of a made-up number.
 """
@@ -77,7 +78,13 @@ class Figure:
 
 @dataclasses.dataclass
 class Ratio:
-    """``numerator.median / denominator.median``, both figures from the same run."""
+    """``numerator / denominator``, two figures measured side by side in the same run.
+
+    When both have one sample per round (sample ``i`` of each taken in round ``i``,
+    next to each other), the ratio is the median of the per-round ratios: a shift of
+    the host's speed between rounds moves both samples of a pair and cancels.
+    Otherwise it is the ratio of the two medians.
+    """
 
     key: str
     label: str
@@ -85,13 +92,23 @@ class Ratio:
     denominator: Figure
 
     @property
+    def paired(self) -> bool:
+        """Whether the two figures have sample-for-sample partners."""
+        return len(self.numerator.samples) == len(self.denominator.samples)
+
+    @property
     def value(self) -> float:
-        """The ratio of the medians."""
+        """The median of the paired ratios, or the ratio of the medians."""
+        if self.paired:
+            return statistics.median(n / d for n, d in zip(self.numerator.samples,
+                                                           self.denominator.samples,
+                                                           strict=True))
         return self.numerator.median / self.denominator.median
 
     def to_json(self) -> dict[str, object]:
         """The ratio as a JSON object."""
         return {"key": self.key, "label": self.label, "value": self.value,
+                "method": "median of paired ratios" if self.paired else "ratio of medians",
                 "numerator": self.numerator.key, "denominator": self.denominator.key}
 
 

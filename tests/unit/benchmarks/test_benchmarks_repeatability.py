@@ -12,6 +12,8 @@ from benchmarks import cli, compare
 from benchmarks.cli import main
 from benchmarks.report import (
     BenchmarkError,
+    Figure,
+    Ratio,
     RoundBenchmark,
     Section,
     Settings,
@@ -139,3 +141,15 @@ def test_cli_keeps_the_previous_run_and_compares_with_it(
     previous = tmp_path / "bench.previous.json"
     assert json.loads(previous.read_text()) == first
     assert "Against the previous run" in capsys.readouterr().out
+
+
+def test_ratio_pairs_samples_of_the_same_round() -> None:
+    ours = Figure("B0.ours", "ours", "u", [10.0, 20.0, 30.0], higher_is_better=True)
+    base = Figure("B0.base", "base", "u", [10.0, 10.0, 30.0], higher_is_better=True)
+    # Per round 1, 2, 1: the slow second baseline sample moves one pair, not the result.
+    paired = Ratio("B0.ratio", "ours / base", ours, base)
+    assert paired.paired and paired.value == 1.0
+    assert paired.to_json()["method"] == "median of paired ratios"
+    uneven = Figure("B0.base2", "base", "u", [10.0, 30.0], higher_is_better=True)
+    medians = Ratio("B0.ratio2", "ours / base", ours, uneven)
+    assert not medians.paired and medians.value == 20.0 / 20.0
