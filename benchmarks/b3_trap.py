@@ -11,21 +11,31 @@ It runs against
 * **floor**: on the host, in the same run, a minimal echo over a unix socket
   pair between two processes with the message sizes of a vfio-user
   REGION_READ of 4 bytes (request = header + offset/region/count; reply =
-  the same + the data).
+  the same + the data);
+* **service alone**: the floor's blocking client speaking vfio-user to a
+  ``vsmmu serve`` of its own (:class:`ServiceProbe`): what the service adds
+  to the floor, without QEMU or a guest.
 
-Every round boots both guests and, with both up, runs the QEMU probe, our
-probe and the floor once each, in an order rotated per round
-(:func:`benchmarks.report.round_order`), so host noise lands on all three.
+Every round starts the service and boots both guests and, with all up, runs
+the QEMU probe, our probe, the floor and the service alone once each, in an
+order rotated per round (:func:`benchmarks.report.round_order`), so host
+noise lands on all four.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from benchmarks import guests
 from benchmarks.a64 import RESULT_SIZE, mmio_loop_elf
@@ -34,6 +44,7 @@ from qmp_harness.console import Console, ConsoleError
 from qmp_harness.nested import EXPECTED_SMMU_BAR
 from vsmmu.arch.registers import Reg
 from vsmmu.smmu import SmmuFeatures
+from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.uapi import HEADER_SIZE, REGION_RW
 
 logger = logging.getLogger(__name__)
@@ -41,6 +52,11 @@ logger = logging.getLogger(__name__)
 REGISTER_BYTES = 4
 REQUEST_SIZE = HEADER_SIZE + REGION_RW.size
 REPLY_SIZE = REQUEST_SIZE + REGISTER_BYTES
+SMMU_BAR = uapi.PciRegion.BAR0
+SERVICE_START_TIMEOUT = 30.0
+SERVICE_STOP_TIMEOUT = 10.0
+SERVICE_REPLY_TIMEOUT = 10.0
+SERVICE_POLL_S = 0.02
 FLOOR_ROUND_TRIPS = 20_000
 QUICK_FLOOR_ROUND_TRIPS = 500
 OURS_READS = 15_000
@@ -93,6 +109,110 @@ def socket_floor(round_trips: int) -> float:
     return elapsed / round_trips / NS_PER_US
 
 
+class ServiceProbe:
+    """``vsmmu serve`` on its own, read over its SMMU socket by a blocking client.
+
+    The client speaks vfio-user as QEMU does (VERSION, then REGION_READ of IDR0
+    in BAR 0: the floor's message sizes) from plain blocking sockets, like the
+    floor's client, so ``service - floor`` is what the service itself adds to a
+    round trip, and ``ours - service`` what QEMU's vfio-user client and the
+    guest's trap add.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log = workdir / "service.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.msg_id = 0
+
+    def __enter__(self) -> ServiceProbe:
+        path = self.workdir / "smmu.sock"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vsmmu.cli", "serve", "--socket-dir", str(self.workdir),
+                 "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + SERVICE_START_TIMEOUT
+            while not path.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchmarkError(f"vsmmu serve: no {path} after "
+                                         f"{SERVICE_START_TIMEOUT:.0f} s (exit status "
+                                         f"{self.proc.returncode}); its log:\n"
+                                         f"{self.log.read_text(errors='replace')[-2000:]}")
+                time.sleep(SERVICE_POLL_S)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(SERVICE_REPLY_TIMEOUT)
+            self.sock.connect(str(path))
+            caps = {uapi.CAP_ROOT: {uapi.CAP_MAX_FDS: uapi.SERVER_MAX_FDS,
+                                    uapi.CAP_MAX_XFER: uapi.DEFAULT_MAX_XFER}}
+            self._call(uapi.Command.VERSION,
+                       uapi.VERSION_BODY.pack(uapi.VERSION_MAJOR, uapi.VERSION_MINOR)
+                       + json.dumps(caps).encode() + b"\0")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect and stop the service (SIGTERM, then SIGKILL after a timeout)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(SERVICE_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _call(self, command: int, payload: bytes) -> bytes:
+        assert self.sock is not None
+        self.msg_id = (self.msg_id + 1) & 0xFFFF
+        self.sock.sendall(uapi.HEADER.pack(self.msg_id, command, HEADER_SIZE + len(payload),
+                                           0, 0) + payload)
+        header = _recv_exactly(self.sock, HEADER_SIZE)
+        if len(header) != HEADER_SIZE:
+            raise BenchmarkError("vsmmu serve closed the SMMU socket, expected a reply")
+        msg_id, _command, size, flags, error = uapi.HEADER.unpack(header)
+        body = _recv_exactly(self.sock, size - HEADER_SIZE)
+        if flags & uapi.MsgFlag.ERROR or msg_id != self.msg_id:
+            raise BenchmarkError(f"vsmmu serve replied to command {command} with error "
+                                 f"{error} (message id {msg_id}, expected {self.msg_id})")
+        return body
+
+    def read_idr0(self) -> int:
+        """IDR0 through one REGION_READ."""
+        body = self._call(uapi.Command.REGION_READ, REGION_RW.pack(Reg.IDR0, SMMU_BAR, 4))
+        return int.from_bytes(body[REGION_RW.size:], "little")
+
+    def round_trips(self, count: int, expected_idr0: int) -> float:
+        """µs per REGION_READ round trip over ``count`` reads of IDR0 (first and last
+        checked against ``expected_idr0``)."""
+        if (value := self.read_idr0()) != expected_idr0:
+            raise BenchmarkError(f"vsmmu serve: IDR0 read {value:#x}, expected "
+                                 f"{expected_idr0:#x}")
+        assert self.sock is not None
+        sock = self.sock
+        request = uapi.HEADER.pack(0, uapi.Command.REGION_READ, REQUEST_SIZE, 0, 0) \
+            + REGION_RW.pack(Reg.IDR0, SMMU_BAR, 4)
+        start = time.perf_counter_ns()
+        for _ in range(count):
+            sock.sendall(request)
+            if len(_recv_exactly(sock, REPLY_SIZE)) != REPLY_SIZE:
+                raise BenchmarkError("vsmmu serve closed the SMMU socket, expected a "
+                                     f"{REPLY_SIZE}-byte reply")
+        elapsed = time.perf_counter_ns() - start
+        if (value := self.read_idr0()) != expected_idr0:
+            raise BenchmarkError(f"vsmmu serve: IDR0 read {value:#x} after the loop, "
+                                 f"expected {expected_idr0:#x}")
+        return elapsed / count / NS_PER_US
+
+
 async def run_probe(console: Console, reads: int) -> tuple[float, int]:
     """Run the probe once; return (µs per register read, RAM loop subtracted; value read)."""
     try:
@@ -113,8 +233,8 @@ async def run_probe(console: Console, reads: int) -> tuple[float, int]:
 class TrapBenchmark(RoundBenchmark):
     """B3 (module docstring): per round, both guests booted, then both probes and the floor.
 
-    ``guest=False`` measures the floor only (the guest figures are reported as not
-    measured).
+    ``guest=False`` measures the floor and the service alone only (the guest figures
+    are reported as not measured).
     """
 
     ids = ("B3",)
@@ -132,15 +252,32 @@ class TrapBenchmark(RoundBenchmark):
             "mmio-ours", PROBE_PATH, mmio_loop_elf(EXPECTED_SMMU_BAR + Reg.IDR0,
                                                    self.ours_reads))
         self.floor: list[float] = []
+        self.service: list[float] = []
         self.ours: list[float] = []
         self.qemu: list[float] = []
         self.qemu_idr0 = 0
 
     async def round(self, index: int) -> None:
-        """One sample of the floor, and (with guests) of both probes, in turn."""
-        if not self.guest:
-            self.floor.append(socket_floor(self.trips))
-            return
+        """One sample of the floor and the service alone, and (with guests) of both
+        probes, in turn."""
+        with contextlib.ExitStack() as stack:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vsmmu-b3-")))
+            service = stack.enter_context(ServiceProbe(workdir))
+
+            async def floor_sample() -> None:
+                self.floor.append(socket_floor(self.trips))
+
+            async def service_sample() -> None:
+                self.service.append(service.round_trips(self.trips, self.ours_idr0))
+
+            if not self.guest:
+                for which in round_order(index, 2):
+                    await (floor_sample, service_sample)[which]()
+                return
+            await self._guest_round(index, [floor_sample, service_sample])
+
+    async def _guest_round(self, index: int,
+                           host_samplers: list[Callable[[], Awaitable[None]]]) -> None:
         env = guests.environment(self.settings.cache)
         async with contextlib.AsyncExitStack() as stack:
             vm = await stack.enter_async_context(guests.qemu_smmu_guest(
@@ -163,10 +300,7 @@ class TrapBenchmark(RoundBenchmark):
                                          f"{self.ours_idr0:#x}")
                 self.ours.append(per_read)
 
-            async def floor_sample() -> None:
-                self.floor.append(socket_floor(self.trips))
-
-            samplers = [qemu_sample, ours_sample, floor_sample]
+            samplers = [qemu_sample, ours_sample, *host_samplers]
             for which in round_order(index, len(samplers)):
                 await samplers[which]()
 
@@ -175,10 +309,14 @@ class TrapBenchmark(RoundBenchmark):
         section = Section("B3", "trap round trip: guest read of SMMU IDR0")
         floor = section.figure("B3.floor", f"unix socket echo {REQUEST_SIZE} B -> {REPLY_SIZE} "
                                "B (floor)", "µs", self.floor, higher_is_better=False)
+        service = section.figure("B3.service", "IDR0 REGION_READ, blocking client -> vsmmu "
+                                 "serve (no guest, no QEMU)", "µs", self.service,
+                                 higher_is_better=False)
+        section.ratio("B3.ratio_service_floor", "service alone / socket floor", service, floor)
         if not self.guest:
             for key, label in (("B3.ours", "IDR0 read, our vSMMU"),
                                ("B3.qemu", "IDR0 read, QEMU SMMUv3")):
-                section.missing(key, label, "guest runs skipped (floor only)")
+                section.missing(key, label, "guest runs skipped (host figures only)")
             return [section]
         ours = section.figure("B3.ours", "IDR0 read, our vSMMU (vfio-user BAR)", "µs", self.ours,
                               higher_is_better=False)
@@ -186,8 +324,10 @@ class TrapBenchmark(RoundBenchmark):
                               higher_is_better=False)
         section.ratio("B3.ratio_qemu", "IDR0 read: ours / QEMU", ours, qemu)
         section.ratio("B3.ratio_floor", "IDR0 read: ours / socket floor", ours, floor)
+        section.ratio("B3.ratio_service", "IDR0 read: ours / service alone", ours, service)
         section.notes.append(f"tight loop of ldr w over /dev/mem minus the same loop over RAM; "
                              f"QEMU's IDR0 read {self.qemu_idr0:#x}; floor is Python<->Python, "
-                             "two processes, blocking sockets; per round both guests boot, then "
-                             "the two probes and the floor take turns")
+                             "two processes, blocking sockets; service alone is the floor's client "
+                             "speaking vfio-user to vsmmu serve; per round both guests boot, then "
+                             "the two probes, the floor and the service alone take turns")
         return [section]

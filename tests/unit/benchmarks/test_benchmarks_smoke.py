@@ -78,11 +78,27 @@ def test_insane_samples_are_refused(samples: list[float]) -> None:
         Figure("B0.x", "x", "u", samples, higher_is_better=True).check_sane()
 
 
-def test_b3_floor_only_reports_guest_figures_as_not_measured() -> None:
+def test_b3_without_guests_measures_the_floor_and_the_service_alone() -> None:
     import asyncio
 
     from benchmarks import b3_trap
     (section,) = asyncio.run(b3_trap.TrapBenchmark(QUICK, guest=False).measure())
-    (floor,) = section.figures
-    assert floor.key == "B3.floor" and floor.median > 0
+    figures = {f.key: f for f in section.figures}
+    assert set(figures) == {"B3.floor", "B3.service"}
+    assert all(f.median > 0 for f in figures.values())
+    (ratio,) = section.ratios
+    assert ratio.key == "B3.ratio_service_floor" and ratio.value > 0
     assert {m.key for m in section.not_measured} == {"B3.ours", "B3.qemu"}
+
+
+def test_b3_service_probe_checks_what_the_service_returns(tmp_path: Path) -> None:
+    from benchmarks import b3_trap
+    from vsmmu.arch.registers import Reg
+    from vsmmu.smmu import SmmuFeatures
+    idr0 = SmmuFeatures().id_registers()[Reg.IDR0]
+    with b3_trap.ServiceProbe(tmp_path) as service:
+        assert service.read_idr0() == idr0
+        assert service.round_trips(20, idr0) > 0
+        with pytest.raises(BenchmarkError, match="IDR0 read"):
+            service.round_trips(20, idr0 ^ 1)
+    assert service.proc is not None and service.proc.returncode is not None
