@@ -21,9 +21,11 @@ from round to round (:func:`benchmarks.report.round_order`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 
 from benchmarks import guests
 from benchmarks.report import BenchmarkError, RoundBenchmark, Section, Settings, round_order
@@ -39,6 +41,8 @@ HWRNG_WAIT_POLLS = 600
 HWRNG_POLL_S = 0.05
 OURS_BYTES, QEMU_BYTES = 128 * 1024, 1024 * 1024
 QUICK_OURS_BYTES, QUICK_QEMU_BYTES = 16 * 1024, 256 * 1024
+SIDES = {"qemu": "QEMU SMMUv3 guest", "ours": "vSMMU guest"}
+"""The two guests compared, by the key their samples are kept under."""
 READS_PER_BOOT = 3
 """B2 samples per boot (one with --quick): the median of more, shorter-spaced samples
 moved less from run to run than one read per boot."""
@@ -95,30 +99,34 @@ class DmaBenchmark(RoundBenchmark):
         self.samples: dict[str, list[float]] = {
             "b1_ours": [], "b1_qemu": [], "b2_ours": [], "b2_qemu": []}
 
-    async def _qemu_boot(self) -> None:
-        start = time.perf_counter()
-        async with guests.qemu_smmu_guest(self.env, fragments=[FIRST_DMA],
-                                          append=[STRICT]) as vm:
-            self.samples["b1_qemu"].append(time.perf_counter() - start)
-            check_first_dma(vm.console, "QEMU SMMUv3 guest")
-            for _ in range(self.reads):
-                self.samples["b2_qemu"].append(
-                    await throughput(vm.console, self.qemu_bytes, "QEMU SMMUv3 guest"))
+    @contextlib.asynccontextmanager
+    async def _booted(self, side: str) -> AsyncIterator[Console]:
+        """The console of ``side``'s guest ("qemu" or "ours"), booted to its shell."""
+        if side == "qemu":
+            async with guests.qemu_smmu_guest(self.env, fragments=[FIRST_DMA],
+                                              append=[STRICT]) as vm:
+                yield vm.console
+        else:
+            async with guests.our_guest(self.env, fragments=[FIRST_DMA],
+                                        append=[STRICT]) as nested:
+                yield nested.vm.console
 
-    async def _our_boot(self) -> None:
+    async def _boot(self, side: str) -> None:
+        """One B1 sample (the boot) and :data:`READS_PER_BOOT` B2 samples of ``side``."""
+        who = SIDES[side]
         start = time.perf_counter()
-        async with guests.our_guest(self.env, fragments=[FIRST_DMA], append=[STRICT]) as nested:
-            self.samples["b1_ours"].append(time.perf_counter() - start)
-            check_first_dma(nested.vm.console, "vSMMU guest")
+        async with self._booted(side) as console:
+            self.samples[f"b1_{side}"].append(time.perf_counter() - start)
+            check_first_dma(console, who)
+            size = self.qemu_bytes if side == "qemu" else self.ours_bytes
             for _ in range(self.reads):
-                self.samples["b2_ours"].append(
-                    await throughput(nested.vm.console, self.ours_bytes, "vSMMU guest"))
+                self.samples[f"b2_{side}"].append(await throughput(console, size, who))
 
     async def round(self, index: int) -> None:
         """Boot both guests, one after the other (which first rotates)."""
-        boots = [self._qemu_boot, self._our_boot]
-        for which in round_order(index, len(boots)):
-            await boots[which]()
+        sides = list(SIDES)
+        for which in round_order(index, len(sides)):
+            await self._boot(sides[which])
 
     def sections(self) -> list[Section]:
         """The B1 and B2 sections (they share the boots)."""
