@@ -2,7 +2,9 @@
 
 For every figure (its median) and ratio present in every run, the spread is
 ``max / min - 1`` over the runs; a spread above the tolerance (default 20%,
-the issue's "figures repeat within 20% from run to run") is flagged.  Exit
+the issue's "figures repeat within 20% from run to run") is flagged, and a
+flagged figure whose ratios all held is marked as a shift of the host (both
+sides of the comparison moved together).  Exit
 status 0 when every spread is within the tolerance, 1 otherwise, 2 when the
 files cannot be compared.  ``python -m benchmarks`` also compares each run
 with the one before it (the previous JSON file at the same path).
@@ -25,44 +27,79 @@ class CompareError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Run:
+    """One run's values: key -> (label, value) for every figure median and ratio, and
+    each ratio's (numerator, denominator) figure keys."""
+
+    values: dict[str, tuple[str, float]]
+    ratio_parts: dict[str, tuple[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Spread:
-    """One figure or ratio across runs: its values in run order and their spread."""
+    """One figure or ratio across runs: its values in run order and their spread.
+
+    ``ratios`` holds the spreads of the ratios a figure takes part in (empty for a
+    ratio): when a figure moved more than the tolerance but every one of its ratios
+    held, the host's speed moved both sides of the comparison.
+    """
 
     key: str
     label: str
     values: tuple[float, ...]
+    ratios: tuple[Spread, ...] = ()
 
     @property
     def spread(self) -> float:
         """``max / min - 1`` (0 when the runs agree exactly)."""
         return max(self.values) / min(self.values) - 1
 
+    def verdict(self, tolerance: float) -> str:
+        """"ok", or "over" plus, when every ratio of the figure held, which ones."""
+        if self.spread <= tolerance:
+            return "ok"
+        over = f"over {tolerance:.0%}"
+        if self.ratios and all(r.spread <= tolerance for r in self.ratios):
+            held = ", ".join(f"{r.key} {r.spread:.1%}" for r in self.ratios)
+            return f"{over}; its ratios held ({held}): the host moved both sides"
+        return over
 
-def values_of(doc: Any, where: str) -> dict[str, tuple[str, float]]:
-    """key -> (label, value) for every figure median and ratio of one run's JSON."""
+
+def values_of(doc: Any, where: str) -> Run:
+    """The figure medians, ratios and ratio parts of one run's JSON."""
     try:
-        out: dict[str, tuple[str, float]] = {}
+        values: dict[str, tuple[str, float]] = {}
+        parts: dict[str, tuple[str, str]] = {}
         for section in doc["benchmarks"]:
             for fig in section["figures"]:
-                out[fig["key"]] = (fig["label"], float(fig["median"]))
+                values[fig["key"]] = (fig["label"], float(fig["median"]))
             for ratio in section["ratios"]:
-                out[ratio["key"]] = (ratio["label"], float(ratio["value"]))
+                values[ratio["key"]] = (ratio["label"], float(ratio["value"]))
+                if "numerator" in ratio and "denominator" in ratio:
+                    parts[ratio["key"]] = (str(ratio["numerator"]), str(ratio["denominator"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise CompareError(f"{where}: not a benchmark run ({exc!r}); expected the JSON "
                            "python -m benchmarks writes") from exc
-    return out
+    return Run(values, parts)
 
 
-def spreads(runs: Sequence[dict[str, tuple[str, float]]]) -> list[Spread]:
-    """The spread of every key present (with a positive value) in all ``runs``, in order."""
+def spreads(runs: Sequence[Run]) -> list[Spread]:
+    """The spread of every key present (with a positive value) in all ``runs``, in order;
+    each figure's spread carries those of the ratios it takes part in."""
     if not runs:
         return []
-    common = [key for key in runs[0] if all(key in run for run in runs[1:])]
-    out = []
+    common = [key for key in runs[0].values if all(key in run.values for run in runs[1:])]
+    plain: dict[str, Spread] = {}
     for key in common:
-        values = tuple(run[key][1] for run in runs)
+        values = tuple(run.values[key][1] for run in runs)
         if min(values) > 0:
-            out.append(Spread(key, runs[0][key][0], values))
+            plain[key] = Spread(key, runs[0].values[key][0], values)
+    parts = runs[0].ratio_parts
+    out = []
+    for key, row in plain.items():
+        mine = tuple(plain[ratio] for ratio, sides in parts.items()
+                     if key in sides and ratio in plain)
+        out.append(dataclasses.replace(row, ratios=mine))
     return out
 
 
@@ -73,7 +110,7 @@ def _read(path: Path) -> Any:
         raise CompareError(f"{path}: {exc}") from exc
 
 
-def load(path: Path) -> dict[str, tuple[str, float]]:
+def load(path: Path) -> Run:
     """The values of the run stored at ``path``."""
     return values_of(_read(path), str(path))
 
@@ -89,12 +126,11 @@ def render(rows: Sequence[Spread], tolerance: float, *, only_over: bool = False)
     """A Markdown table of the spreads (all of them, or those over ``tolerance``)."""
     lines = ["| figure | values, run by run | spread | |", "|---|---|---|---|"]
     for row in rows:
-        over = row.spread > tolerance
-        if only_over and not over:
+        if only_over and row.spread <= tolerance:
             continue
         shown = " / ".join(f"{value:.4g}" for value in row.values)
         lines.append(f"| {row.key}: {row.label} | {shown} | {row.spread:.1%} | "
-                     f"{'over ' + format(tolerance, '.0%') if over else 'ok'} |")
+                     f"{row.verdict(tolerance)} |")
     return "\n".join(lines)
 
 
@@ -103,9 +139,11 @@ def summary(rows: Sequence[Spread], tolerance: float) -> str:
     if not rows:
         return "no figure in common"
     worst = max(rows, key=lambda row: row.spread)
-    over = sum(1 for row in rows if row.spread > tolerance)
+    over = [row for row in rows if row.spread > tolerance]
+    host = sum(1 for row in over if row.verdict(tolerance) != f"over {tolerance:.0%}")
     return (f"{len(rows)} figures and ratios; largest spread {worst.spread:.1%} ({worst.key}); "
-            f"{over} over {tolerance:.0%}")
+            f"{len(over)} over {tolerance:.0%}"
+            + (f" ({host} of them with every ratio held)" if host else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

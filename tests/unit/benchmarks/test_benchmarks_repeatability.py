@@ -99,8 +99,8 @@ def test_cli_runs_every_benchmark_round_by_round_and_drops_a_broken_one(
 def _run(path: Path, values: dict[str, float], *, quick: bool = False) -> Path:
     figures = [{"key": k, "label": k, "median": v} for k, v in values.items()
                if not k.endswith("ratio")]
-    ratios = [{"key": k, "label": k, "value": v} for k, v in values.items()
-              if k.endswith("ratio")]
+    ratios = [{"key": k, "label": k, "value": v, "numerator": k.removesuffix("_ratio"),
+               "denominator": "B4.base"} for k, v in values.items() if k.endswith("ratio")]
     path.write_text(json.dumps({"settings": {"quick": quick, "repeats": 5},
                                 "benchmarks": [{"figures": figures, "ratios": ratios}]}))
     return path
@@ -117,8 +117,24 @@ def test_compare_flags_only_figures_beyond_the_tolerance(tmp_path: Path,
     assert [round(row.spread, 3) for row in rows] == [0.15, 0.3, 0.0]
     assert compare.main([str(a), str(b)]) == 1
     out = capsys.readouterr().out
-    assert "largest spread 30.0% (B4.y); 1 over 20%" in out
+    assert "largest spread 30.0% (B4.y); 1 over 20%\n" in out
     assert compare.main([str(a), str(b), "--tolerance", "0.35"]) == 0
+
+
+def test_compare_marks_a_figure_whose_ratios_held_as_a_host_shift(tmp_path: Path) -> None:
+    # Ours and its baseline both 30% slower in run b: the figures move, the ratio holds.
+    a = _run(tmp_path / "a.json", {"B4.x": 100.0, "B4.base": 200.0, "B4.x_ratio": 0.5})
+    b = _run(tmp_path / "b.json", {"B4.x": 70.0, "B4.base": 140.0, "B4.x_ratio": 0.5})
+    rows = {row.key: row for row in compare.spreads([compare.load(a), compare.load(b)])}
+    assert [r.key for r in rows["B4.x"].ratios] == ["B4.x_ratio"]
+    assert "its ratios held (B4.x_ratio 0.0%)" in rows["B4.x"].verdict(0.2)
+    assert "held" in rows["B4.base"].verdict(0.2)
+    assert compare.summary(list(rows.values()), 0.2).endswith(
+        "2 over 20% (2 of them with every ratio held)")
+    # When the ratio moves too, the figure is plainly over.
+    c = _run(tmp_path / "c.json", {"B4.x": 70.0, "B4.base": 200.0, "B4.x_ratio": 0.35})
+    rows = {row.key: row for row in compare.spreads([compare.load(a), compare.load(c)])}
+    assert rows["B4.x"].verdict(0.2) == "over 20%"
 
 
 def test_compare_refuses_a_file_that_is_not_a_run(tmp_path: Path,
