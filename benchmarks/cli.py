@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import b1b2_dma, b3_trap, b4_commands, b5_translation, compare
@@ -52,20 +51,19 @@ def _parse_only(text: str) -> list[str]:
     return chosen
 
 
-def _failed(ids: Sequence[str], message: str) -> list[Section]:
-    sections = []
-    for bench_id in ids:
-        failed = Section(bench_id, "failed")
-        failed.missing(bench_id, bench_id, f"failed: {message.splitlines()[0]}")
-        sections.append(failed)
-    return sections
-
-
 async def _run_rounds(settings: Settings, chosen: list[str]
                       ) -> tuple[list[Section], list[str]]:
     benches: list[tuple[list[str], RoundBenchmark]] = []
     sections: list[Section] = []
     failures: list[str] = []
+
+    def failed(ids: list[str], exc: BenchmarkError) -> None:
+        failures.append(f"{'+'.join(ids)}: {exc}")
+        for bench_id in ids:
+            section = Section(bench_id, "failed")
+            section.missing(bench_id, bench_id, f"failed: {str(exc).splitlines()[0]}")
+            sections.append(section)
+
     for cls in BENCHMARK_CLASSES:
         wanted = [i for i in cls.ids if i in chosen]
         if not wanted:
@@ -73,16 +71,14 @@ async def _run_rounds(settings: Settings, chosen: list[str]
         try:
             benches.append((wanted, cls(settings)))
         except BenchmarkError as exc:
-            failures.append(f"{'+'.join(wanted)}: {exc}")
-            sections += _failed(wanted, str(exc))
+            failed(wanted, exc)
     for index in range(settings.repeats):
         for wanted, bench in list(benches):
             start = time.monotonic()
             try:
                 await bench.round(index)
             except BenchmarkError as exc:
-                failures.append(f"{'+'.join(wanted)}: {exc}")
-                sections += _failed(wanted, str(exc))
+                failed(wanted, exc)
                 benches.remove((wanted, bench))
             logger.info("%s round %d took %.1f s", "+".join(wanted), index,
                         time.monotonic() - start)
