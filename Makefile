@@ -1,11 +1,14 @@
 # vsmmu — two commands for a user: `make run` and `make test`.
-# Everything else (venv, QEMU, guest image) is set up on demand, idempotently,
-# inside this checkout: .venv/ and .cache/ (both git-ignored).
+# Everything else (venv, QEMU, guest images) is set up on demand, idempotently:
+# the venv inside this checkout (.venv/, git-ignored), downloads and builds in
+# one cache per user, shared by every clone (keyed by content).
 
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
-CACHE    := .cache
+# $VSMMU_CACHE, else $XDG_CACHE_HOME/vsmmu, else ~/.cache/vsmmu.
+CACHE    ?= $(or $(VSMMU_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vsmmu)
+export VSMMU_CACHE := $(CACHE)
 STAMP    := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
@@ -53,5 +56,7 @@ lint: venv
 doctor: setup
 	@$(VENV)/bin/vsmmu doctor --cache $(CACHE)
 
+# The per-user cache is left alone (other clones share it); prune it by hand:
+# rm -rf ~/.cache/vsmmu (README, "Where things go").
 clean:
-	rm -rf $(VENV) $(CACHE) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

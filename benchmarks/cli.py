@@ -25,6 +25,7 @@ from benchmarks.report import (
     render_table,
     write_json,
 )
+from guest_images.cache import default_cache
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, default=Path(".cache"),
+    parser.add_argument("--cache", type=Path, default=default_cache(),
                         help="the provisioned cache (QEMU, guest kernel)")
     parser.add_argument("--quick", action="store_true",
                         help="one repeat, smallest sizes (a smoke run, not a measurement)")

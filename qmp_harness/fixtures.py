@@ -1,6 +1,6 @@
 """pytest fixtures for suites that boot guests; load with ``pytest_plugins``.
 
-* ``vsmmu_cache`` — the cache directory (``$VSMMU_CACHE`` or ``<repo>/.cache``).
+* ``vsmmu_cache`` — the cache directory (``$VSMMU_CACHE`` or ``~/.cache/vsmmu``).
 * ``guest_env`` — provisioned QEMU + guest kernel (:class:`GuestEnvironment`),
   once per session; the kernel suite comes from ``$VSMMU_GUEST_SUITE``.
 * ``boot_machine`` — an async factory: ``vm = await boot_machine(devices=[...],
@@ -18,6 +18,7 @@ from typing import Protocol
 
 import pytest
 
+from guest_images.cache import default_cache
 from guest_images.initramfs import InitFragment, build_initramfs
 from guest_images.kernel import DEFAULT_SUITE, GuestKernel, ensure_guest
 from qmp_harness.machine import (
@@ -29,14 +30,7 @@ from qmp_harness.machine import (
 )
 from qmp_harness.provision import QemuInstall, ensure_qemu
 
-CACHE_ENV = "VSMMU_CACHE"
 SUITE_ENV = "VSMMU_GUEST_SUITE"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def default_cache() -> Path:
-    """The cache directory tests use."""
-    return Path(os.environ.get(CACHE_ENV, REPO_ROOT / ".cache")).resolve()
 
 
 @dataclass(frozen=True)
@@ -117,7 +111,7 @@ class BootMachine(Protocol):
 
 @pytest.fixture(scope="session")
 def vsmmu_cache() -> Path:
-    """The cache directory (``$VSMMU_CACHE`` or ``<repo>/.cache``)."""
+    """The cache directory (``$VSMMU_CACHE`` or ``~/.cache/vsmmu``)."""
     return default_cache()
 
 

@@ -12,7 +12,7 @@ own dynamic loader with ``--library-path`` so that the trixie libraries are
 used on this Debian 12 host, and with ``-L <prefix>/usr/share/qemu`` because
 QEMU's idea of its own location is the loader's.
 
-Run as ``python -m qmp_harness.provision --cache .cache``.
+Run as ``python -m qmp_harness.provision [--cache DIR]``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from guest_images.cache import default_cache
 from guest_images.debian import DebianArchive, DebianArchiveError, unpack_packages
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ def _write_manifest(cache: Path, install: QemuInstall) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m qmp_harness.provision``."""
     parser = argparse.ArgumentParser(description="provision QEMU 11.1 into the cache")
-    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--cache", type=Path, default=default_cache())
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:

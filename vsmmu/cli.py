@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from guest_images.cache import default_cache
 from guest_images.debian import DebianArchiveError
 from guest_images.kernel import DEFAULT_SUITE, GuestImageError, ensure_guest, load_guest
 from qmp_harness.machine import BootError
@@ -21,7 +22,7 @@ from vsmmu.smmu import SmmuFeatures
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(".cache")
+DEFAULT_CACHE = default_cache()
 MEMFD_BACKEND = "memory-backend-memfd"
 VFIO_USER_DEVICE = "vfio-user-pci"
 

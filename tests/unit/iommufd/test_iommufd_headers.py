@@ -7,6 +7,8 @@ import enum
 import subprocess
 from pathlib import Path
 
+from guest_images.cache import default_cache
+
 from guest_images.debian import DebianArchive
 from vsmmu.iommufd import uapi
 
@@ -46,8 +48,7 @@ def c_source() -> str:
     )
 
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CACHE = REPO_ROOT / ".cache"
+CACHE = default_cache()
 
 
 def linux_libc_dev_include() -> Path:
