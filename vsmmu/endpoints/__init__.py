@@ -9,6 +9,8 @@ Public API:
 * :class:`~vsmmu.endpoints.virtio_rng.VirtioRng` with
   :func:`~vsmmu.endpoints.virtio_rng.expected_stream` and
   :func:`~vsmmu.endpoints.virtio_rng.locate_in_stream`;
+* :class:`~vsmmu.endpoints.iommu_testdev.IommuTestdev` — QEMU's
+  ``iommu-testdev`` register file (one DMA through the IOMMU per trigger);
 * :class:`~vsmmu.endpoints.identity.IdentityDmaPort` — no-IOMMU DMA, for
   tests of an endpoint alone.
 """
@@ -22,6 +24,7 @@ from vsmmu.endpoints.base import (
     make_endpoint,
 )
 from vsmmu.endpoints.identity import IdentityDmaPort
+from vsmmu.endpoints.iommu_testdev import IommuTestdev
 from vsmmu.endpoints.virtio_pci import VirtioPciEndpoint
 from vsmmu.endpoints.virtio_rng import VirtioRng, expected_stream, locate_in_stream
 from vsmmu.endpoints.virtqueue import VirtqueueError
@@ -33,6 +36,7 @@ __all__ = [
     "EndpointError",
     "EndpointSpecError",
     "IdentityDmaPort",
+    "IommuTestdev",
     "VirtioPciEndpoint",
     "VirtioRng",
     "VirtqueueError",

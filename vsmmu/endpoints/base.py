@@ -166,14 +166,18 @@ def make_endpoint(spec: str) -> Endpoint:
     """Build the endpoint a spec names, e.g. ``"virtio-rng,seed=1,ats=on,name=rng0"``.
 
     Kinds: ``virtio-rng`` (options ``seed``, ``ats``, ``name``; see
-    :func:`vsmmu.endpoints.virtio_rng.VirtioRng.from_options`).
+    :func:`vsmmu.endpoints.virtio_rng.VirtioRng.from_options`) and
+    ``iommu-testdev`` (option ``name``; see
+    :mod:`vsmmu.endpoints.iommu_testdev`).
 
     :raises EndpointSpecError: unknown kind or option, or a bad value.
     """
     # Imported here: the concrete endpoints import this module.
+    from vsmmu.endpoints.iommu_testdev import IommuTestdev
     from vsmmu.endpoints.virtio_rng import VirtioRng
 
-    kinds = {VirtioRng.KIND: VirtioRng.from_options}
+    kinds = {VirtioRng.KIND: VirtioRng.from_options,
+             IommuTestdev.KIND: IommuTestdev.from_options}
     kind, options = parse_spec(spec)
     factory = kinds.get(kind)
     if factory is None:
