@@ -35,8 +35,10 @@ async def target(request: pytest.FixtureRequest, vsmmu_cache: Path) -> AsyncIter
 async def dma(target: Target, iova: int, gpa: int, length: int) -> tuple[int, int]:
     bar = target.testdev_bar
     replies = await target.qtest.pipeline([
-        f"writel {bar + 0x04:#x} {iova & 0xFFFF_FFFF:#x}", f"writel {bar + 0x08:#x} {iova >> 32:#x}",
-        f"writel {bar + 0x1C:#x} {gpa & 0xFFFF_FFFF:#x}", f"writel {bar + 0x20:#x} {gpa >> 32:#x}",
+        f"writel {bar + 0x04:#x} {iova & 0xFFFF_FFFF:#x}",
+        f"writel {bar + 0x08:#x} {iova >> 32:#x}",
+        f"writel {bar + 0x1C:#x} {gpa & 0xFFFF_FFFF:#x}",
+        f"writel {bar + 0x20:#x} {gpa >> 32:#x}",
         f"writel {bar + 0x0C:#x} {length:#x}", f"writel {bar + 0x18:#x} 0xa",
         f"writel {bar + 0x14:#x} 0x1", f"readl {bar + 0x10:#x}", f"readl {bar:#x}",
         f"readl {bar + 0x10:#x}"])

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 from guest_images.cache import default_cache
-
 from guest_images.debian import DebianArchive
 from vsmmu.iommufd import uapi
 
