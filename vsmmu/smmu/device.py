@@ -93,6 +93,7 @@ from vsmmu.smmu.interfaces import (
     SmmuError,
     StreamTableConfig,
 )
+from vsmmu.smmu.observer import SmmuObserver
 from vsmmu.smmu.streamtable import (
     CdLookup,
     SteLookup,
@@ -152,6 +153,8 @@ class SmmuV3:
         self.id_registers = self.features.id_registers()
         self.commands_consumed = 0
         """Commands consumed since creation (for benchmarks and QMP statistics)."""
+        self.observer: SmmuObserver | None = None
+        """Told of each consume and each event lost to a full queue (the sanitizer)."""
         self._kinds = self._command_kinds()
         self._cmdq_pointer_mask = QueueIndex(self.features.cmdqs).pointer_mask
         self._evtq_pointer_mask = QueueIndex(self.features.evtqs).pointer_mask
@@ -513,10 +516,13 @@ class SmmuV3:
             failed_at = self._flush_batch(batch, batch_start, q)
             if failed_at is not None:
                 cons, error = failed_at, CError.ILL
-        self.commands_consumed += q.used(cons, q.pointer(self.cmdq_cons))
+        first = q.pointer(self.cmdq_cons)
+        self.commands_consumed += q.used(cons, first)
         self.cmdq_cons = (self.cmdq_cons & CMDQ_CONS.ERR.inplace_mask) | cons
         if error is not _CERROR_NONE:
             self._command_error(error, q, cons)
+        if self.observer is not None:
+            self.observer.commands_consumed(first, cons)
 
     def _fetch_commands(self, address: int, count: int) -> bytes:
         """Read up to ``count`` commands; a short result means the next one is unreadable."""
@@ -602,6 +608,8 @@ class SmmuV3:
         cons = q.pointer(self.evtq_cons)
         if q.used(prod, cons) >= q.size:
             self.signal_event_overflow()
+            if self.observer is not None:
+                self.observer.event_queue_full(data)
             return False
         address = QUEUE_BASE.ADDR.get(self.evtq_base) + q.index(prod) * EVENT_SIZE
         try:
