@@ -88,6 +88,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      help="how a guest STE the host refuses is reported (see vsmmu.nesting.policy)")
     cmd.add_argument("--exit-on-disconnect", action="store_true",
                      help="exit when QEMU disconnects from the SMMU function")
+    cmd.add_argument("--sanitize", action="store_true",
+                     help="report guest driver mistakes as VSMMU_GUEST_ERROR (README)")
     cmd.add_argument("--trace", action="store_true",
                      help="log every register access, command and iommufd call")
     cmd.add_argument("--log-level", choices=["debug", "info", "warning"], default="warning",
@@ -106,6 +108,7 @@ def _serve_config(args: argparse.Namespace) -> ServiceConfig:
         cbadste_policy=CBadStePolicy(args.cbadste_policy),
         trace=args.trace,
         exit_on_disconnect=args.exit_on_disconnect,
+        sanitize=args.sanitize,
     )
 
 

@@ -49,6 +49,7 @@ from vsmmu.arch.registers import (
     QueueIndex,
 )
 from vsmmu.arch.ste import STE_SIZE
+from vsmmu.diagnostics import Diagnostics
 from vsmmu.endpoints.base import Endpoint, EndpointDmaError, make_endpoint
 from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError
 from vsmmu.iommufd.sim import HostPersonality, SimIommufd
@@ -133,6 +134,8 @@ class ServiceConfig:
     cbadste_policy: CBadStePolicy = CBadStePolicy.EVENT
     trace: bool = False
     exit_on_disconnect: bool = False
+    sanitize: bool = False
+    """Start with the guest-driver sanitizer on (:mod:`vsmmu.diagnostics`)."""
 
     @property
     def qmp_path(self) -> Path:
@@ -227,6 +230,7 @@ class Service:
         self.smmu: SmmuV3 | None = None
         self.smmu_pci: PciDevice | None = None
         self.monitor: QmpMonitor | None = None
+        self.diagnostics: Diagnostics | None = None
         self.servers: dict[str, VfioUserServer] = {}
         self.endpoints: dict[int, Endpoint] = {}
         self._stop_requested = asyncio.Event()
@@ -258,6 +262,9 @@ class Service:
         self._build_smmu_function(translator)
         for sid, endpoint in [*self._make_endpoints(), *self._extra_endpoints]:
             self._add_endpoint(sid, endpoint)
+        assert self.smmu is not None
+        self.diagnostics = Diagnostics(self.smmu, translator, self.endpoints, self.emit, loop)
+        self.diagnostics.set_sanitize(config.sanitize)
         self.monitor = QmpMonitor(config.qmp_path)
         self._register_qmp(self.monitor)
         try:
@@ -281,6 +288,9 @@ class Service:
         if self.monitor is not None:
             await self.monitor.close()
             self.monitor = None
+        if self.diagnostics is not None:
+            self.diagnostics.close()
+            self.diagnostics = None
         if self.translator is not None:
             self.translator.close()
             self.translator = None
@@ -442,6 +452,8 @@ class Service:
                          doc="Fault injection: overwrite a guest STE (and apply it).",
                          args=[Arg("sid", int), Arg("dwords", list),
                                Arg("apply", bool, optional=True)])
+        if self.diagnostics is not None:
+            self.diagnostics.register(monitor)
 
     def _running(self) -> tuple[SmmuV3, NestingTranslator, IommufdBackend]:
         if self.smmu is None or self.translator is None or self.backend is None:
@@ -474,6 +486,7 @@ class Service:
             "guest-objects": sorted(translator.guest_object_ids()),
             "events-forwarded": translator.events_forwarded,
             "invalidations": translator.invalidations,
+            **(self.diagnostics.summary() if self.diagnostics is not None else {}),
         }
 
     def _qmp_query_streams(self, args: Arguments) -> list[dict[str, object]]:

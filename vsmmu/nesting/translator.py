@@ -593,6 +593,11 @@ class NestingTranslator:
             count += self._parse_records(data)
         return count
 
+    def deliver_vevents(self, data: bytes) -> int:
+        """Handle ``[header][event]`` records as a vEVENTQ read returns them (fault
+        injection hands its records in here); return how many events they held."""
+        return self._parse_records(data)
+
     def _parse_records(self, data: bytes) -> int:
         count = 0
         offset = 0
@@ -644,15 +649,16 @@ class NestingTranslator:
         elif stream is None:
             return TransactionResult(sid, iova, write, False,
                                      reason="SMMU disabled and no endpoint at this StreamID")
-        if not isinstance(self.backend, SimIommufd):
+        sim = self._sim  # (the backend may be wrapped for fault injection; DMA is the sim's)
+        if sim is None:
             return TransactionResult(sid, iova, write, False,
                                      reason=f"the {self.backend.name} backend cannot issue DMA")
         try:
             if write:
-                self.backend.dma_write(stream.dev_id, iova, payload)
+                sim.dma_write(stream.dev_id, iova, payload)
                 result = TransactionResult(sid, iova, write, True)
             else:
-                read = self.backend.dma_read(stream.dev_id, iova, length)
+                read = sim.dma_read(stream.dev_id, iova, length)
                 result = TransactionResult(sid, iova, write, True, data=read)
         except DmaFault as fault:
             self.drain_veventq()
