@@ -468,7 +468,8 @@ class NestingTranslator:
             return True
         stream.lookup = lookup
         stream.error = ""
-        vste = vste_for(lookup)
+        features = self.smmu.features
+        vste = vste_for(lookup, substreams=features.ssidsize > 0, ats=features.ats)
         accepted = True
         if lookup.status is SteStatus.ILLEGAL:
             stream.error = f"guest STE ILLEGAL: {lookup.reason}"

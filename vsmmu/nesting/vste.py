@@ -62,8 +62,18 @@ INVALID_VSTE = VsteWords(0, 0)
 """V=0: installed by the host as abort, with C_BAD_STE reported for the stream."""
 
 
-def vste_for(lookup: SteLookup) -> VsteWords:
+_SUBSTREAM_WORD0 = STE.S1FMT.inplace_mask | STE.S1CDMAX.inplace_mask
+_SUBSTREAM_WORD1 = STE.S1DSS.inplace_mask
+_EATS_WORD1 = STE.EATS.inplace_mask
+
+
+def vste_for(lookup: SteLookup, *, substreams: bool = True, ats: bool = True) -> VsteWords:
     """The vSTE to install for a guest STE lookup (see the module table).
+
+    Without ``substreams`` (the vSMMU advertises IDR1.SSIDSIZE=0) the guest's
+    S1CDMax, S1Fmt and S1DSS are IGNORED (IHI 0070 §5.2) and are cleared, so a
+    host SMMU that does support substreams still uses the one CD at S1ContextPtr.
+    Likewise without ``ats`` (IDR0.ATS=0) EATS is IGNORED and cleared.
 
     Masks the raw double words 0-1 with the allowed masks: every allowed
     field is a named STE field, so this equals decoding the STE, encoding it
@@ -78,7 +88,14 @@ def vste_for(lookup: SteLookup) -> VsteWords:
             return ABORT_VSTE
         if config == _CONFIG_BYPASS:
             return BYPASS_VSTE
-        return VsteWords(word0 & VSTE_WORD0_ALLOWED, words[1] & VSTE_WORD1_ALLOWED)
+        word0 &= VSTE_WORD0_ALLOWED
+        word1 = words[1] & VSTE_WORD1_ALLOWED
+        if not substreams:
+            word0 &= ~_SUBSTREAM_WORD0
+            word1 &= ~_SUBSTREAM_WORD1
+        if not ats:
+            word1 &= ~_EATS_WORD1
+        return VsteWords(word0, word1)
     if status is _INVALID or status is _ILLEGAL:
         return INVALID_VSTE
     return ABORT_VSTE

@@ -17,14 +17,22 @@ Policy where the architecture leaves a choice (CONSTRAINED UNPREDICTABLE):
   above LOG2SIZE is clamped to LOG2SIZE; FMT=2-level without IDR0.ST_LEVEL
   advertising it, or a reserved FMT, is treated as linear;
 * an STE is ILLEGAL for: a reserved Config (1-3); Config using stage 2
-  (not advertised); for stage 1: S1CDMax > SSIDSIZE, a reserved S1Fmt or a
-  2-level S1Fmt without CD2L when S1CDMax != 0, S1ContextPtr beyond the
-  OAS, STRW other than NS-EL1 (no HYP advertised); for bypass/translate:
-  EATS != 0 without IDR0.ATS, a reserved EATS, EATS=split (needs stage 2);
+  (not advertised); for stage 1 with substreams advertised (SSIDSIZE > 0):
+  S1CDMax > SSIDSIZE, a reserved S1Fmt or a 2-level S1Fmt without CD2L when
+  S1CDMax != 0; S1ContextPtr beyond the OAS; with IDR0.ATS advertised, for
+  stage 1: a reserved EATS or EATS=split (needs stage 2);
 * a CD is ILLEGAL for: AA64=0 (only AArch64 tables advertised), ENDI=1
-  (little-endian only), an ASID above 255 without ASID16, and for each TTBx
+  (little-endian only), HA or HD (no HTTU), S=1 (terminate-only stall
+  model), an ASID above 255 without ASID16, and for each TTBx
   not disabled by EPDx: a reserved or unadvertised granule, or a TxSZ
   outside 16..39.
+
+Not checked, because the architecture IGNOREs them here (IHI 0070 §5.2,
+``IgnoreSTESTRW`` and the S1CDMax/S1Fmt/S1DSS descriptions): STRW, since
+IDR0.HYP is not advertised (a Non-secure STE's STRW is RES0); S1CDMax, S1Fmt
+and S1DSS when IDR1.SSIDSIZE is 0 (STE.S1ContextPtr then points at one CD);
+EATS without IDR0.ATS, and for abort and bypass STEs (``SteIllegal`` checks
+it only for ``Config != 0bx00`` with ATS implemented).
 """
 
 from __future__ import annotations
@@ -58,7 +66,6 @@ from vsmmu.arch.ste import (
     S1Fmt,
     Ste,
     SteConfig,
-    Strw,
     id_fits,
     l1_std_fields,
     l2_span_holds,
@@ -78,7 +85,6 @@ _CONFIG_ABORT = int(SteConfig.ABORT)
 _CONFIG_S1_TRANS = int(SteConfig.S1_TRANS)
 _S1_FMTS = frozenset(int(f) for f in S1Fmt)
 _S1FMT_LINEAR = int(S1Fmt.LINEAR)
-_STRW_NSEL1 = int(Strw.NSEL1)
 _EATS_NO_STAGE2 = frozenset({int(Eats.ABORT), int(Eats.FULL)})
 _TWO_LEVEL = int(StrtabFmt.TWO_LEVEL)
 
@@ -246,26 +252,26 @@ def classify_ste(features: SmmuFeatures, sid: int, address: int,
 def ste_illegal_reason(ste: Ste, features: SmmuFeatures) -> str | None:
     """Why a V=1 STE is ILLEGAL for ``features``, or None if it is not."""
     return _illegal_reason(features, ste.config, ste.s1fmt, ste.s1_context_ptr, ste.s1cdmax,
-                           ste.eats, ste.strw)
+                           ste.eats)
 
 
 def ste_words_illegal_reason(word0: int, word1: int, features: SmmuFeatures) -> str | None:
     """:func:`ste_illegal_reason` of a V=1 STE given as its raw double words 0 and 1."""
     return _illegal_reason(features, STE.CONFIG.get(word0), STE.S1FMT.get(word0),
                            STE.S1CONTEXTPTR.get(word0), STE.S1CDMAX.get(word0),
-                           STE.EATS.get(word1), STE.STRW.get(word1))
+                           STE.EATS.get(word1))
 
 
 def _illegal_reason(features: SmmuFeatures, config: int, s1fmt: int, s1_context_ptr: int,
-                    s1cdmax: int, eats: int, strw: int) -> str | None:
+                    s1cdmax: int, eats: int) -> str | None:
     if config not in _STE_CONFIGS:
         return f"STE.Config={config:#05b} is reserved"
     if config in _STAGE2_CONFIGS:
         return f"STE.Config={SteConfig(config).name} needs stage 2, which is not advertised"
     if config == _CONFIG_S1_TRANS:
-        if s1cdmax > features.ssidsize:
+        if features.ssidsize and s1cdmax > features.ssidsize:
             return f"STE.S1CDMax={s1cdmax} > IDR1.SSIDSIZE={features.ssidsize}"
-        if s1cdmax:
+        if features.ssidsize and s1cdmax:
             if s1fmt not in _S1_FMTS:
                 return f"STE.S1Fmt={s1fmt} is reserved"
             if s1fmt != _S1FMT_LINEAR and not features.cd2l:
@@ -273,13 +279,9 @@ def _illegal_reason(features: SmmuFeatures, config: int, s1fmt: int, s1_context_
         if not id_fits(s1_context_ptr, features.oas_bits):
             return (f"STE.S1ContextPtr={s1_context_ptr:#x} beyond the "
                     f"{features.oas_bits}-bit OAS")
-        if strw != _STRW_NSEL1:
-            return f"STE.STRW={strw} needs IDR0.HYP, which is not advertised"
-    if config != _CONFIG_ABORT and eats:
-        if not features.ats:
-            return f"STE.EATS={eats} but IDR0.ATS is not advertised"
-        if eats not in _EATS_NO_STAGE2:
-            return f"STE.EATS={eats} needs stage 2 (split) or is reserved"
+    # EATS is checked only with IDR0.ATS advertised and a translating Config (SteIllegal).
+    if features.ats and config == _CONFIG_S1_TRANS and eats not in _EATS_NO_STAGE2:
+        return f"STE.EATS={eats} needs stage 2 (split) or is reserved"
     return None
 
 
@@ -290,11 +292,13 @@ def lookup_cd(memory: GuestMemory, features: SmmuFeatures, lookup: SteLookup,
     sid = lookup.sid
     if lookup.status is not SteStatus.VALID or ste is None or ste.config != SteConfig.S1_TRANS:
         return CdLookup(sid, ssid, CdStatus.NO_STAGE1, reason=f"STE is {lookup.status.value}")
-    if not id_fits(ssid, ste.s1cdmax):
+    # With no substreams advertised S1CDMax is IGNORED: one CD (IHI 0070 §5.2).
+    cdmax = ste.s1cdmax if features.ssidsize else 0
+    if not id_fits(ssid, cdmax):
         return CdLookup(sid, ssid, CdStatus.BAD_SUBSTREAMID,
-                        reason=f"SSID {ssid:#x} >= 2**S1CDMax={ste.s1cdmax}")
+                        reason=f"SSID {ssid:#x} >= 2**S1CDMax={cdmax}")
     base = ste.s1_context_ptr
-    if ste.s1cdmax == 0 or ste.s1fmt == S1Fmt.LINEAR:
+    if cdmax == 0 or ste.s1fmt == S1Fmt.LINEAR:
         address = base + ssid * CD_SIZE
     else:
         bits = CD_L2_4K_INDEX_BITS if ste.s1fmt == S1Fmt.TWO_LEVEL_4K else CD_L2_64K_INDEX_BITS
@@ -326,6 +330,11 @@ def cd_illegal_reason(cd: Cd, features: SmmuFeatures) -> str | None:
         return "CD.AA64=0 but only AArch64 tables are advertised"
     if cd.endi:
         return "CD.ENDI=1 but only little-endian tables are advertised"
+    # No HTTU and a terminate-only stall model are advertised (IHI 0070 §5.4 CdIllegal).
+    if cd.ha or cd.hd:
+        return "CD.HA/HD=1 but IDR0.HTTU is not advertised"
+    if cd.s:
+        return "CD.S=1 but IDR0.STALL_MODEL is terminate-only"
     if cd.asid >= ASID8_LIMIT and not features.asid16:
         return f"CD.ASID={cd.asid:#x} needs IDR0.ASID16"
     halves = (("TTB0", cd.epd0, cd.tg0, cd.t0sz, TG0_PAGE_SHIFT),

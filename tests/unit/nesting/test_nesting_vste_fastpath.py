@@ -80,3 +80,19 @@ def test_vste_of_lookups_without_an_ste_is_abort() -> None:
     assert unreadable.status is SteStatus.FETCH_ABORT
     assert vste_for(unreadable) == ABORT_VSTE
     assert vste_for(SteLookup(1 << LOG2SIZE, SteStatus.BAD_STREAMID)) == ABORT_VSTE
+
+
+def test_vste_without_substreams_points_at_one_cd() -> None:
+    # IHI 0070 §5.2: with IDR1.SSIDSIZE=0, S1CDMax, S1Fmt and S1DSS are IGNORED, so a host
+    # SMMU that has substreams must not see them (it would walk a CD table instead).
+    ram = GuestRam(RAM_BASE, RAM_SIZE)
+    ste = Ste(v=1, config=SteConfig.S1_TRANS, s1cdmax=3, s1fmt=1, s1dss=2,
+              s1_context_ptr=0x4000_1000, s1cir=1)
+    ram.write(RAM_BASE, ste.encode())
+    lookup = lookup_ste(ram, SmmuFeatures(), StreamTableConfig(RAM_BASE, StrtabFmt.LINEAR,
+                                                               LOG2SIZE, 0), 0)
+    plain = vste_for(lookup, substreams=False)
+    assert STE.S1CDMAX.get(plain.word0) == 0 and STE.S1FMT.get(plain.word0) == 0
+    assert STE.S1DSS.get(plain.word1) == 0 and STE.S1CIR.get(plain.word1) == 1
+    assert STE.S1CONTEXTPTR.get(plain.word0) == 0x4000_1000
+    assert STE.S1CDMAX.get(vste_for(lookup).word0) == 3
