@@ -130,10 +130,20 @@ class Target(abc.ABC):
                          f"{command:#x}")
         await self.qtest.pipeline(lines)
 
+    def failure_report(self, reason: str) -> str:
+        """``reason`` with QEMU's stderr (and the service's log, for ours)."""
+        return self.machine.failure_report(reason)
+
+    async def restart(self) -> None:
+        """Start afresh after a failure (QEMU, and the service for ours)."""
+        await self.close()
+        await self.start()
+
     async def close(self) -> None:
         """Stop QEMU."""
         if self._machine is not None:
             await self._machine.close()
+            self._machine = None
 
     async def __aenter__(self) -> Target:
         try:
@@ -202,6 +212,7 @@ class VsmmuTarget(Target):
 
         :raises QtestError: the service exited or its sockets did not appear.
         """
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
         with open(self.service_log, "wb") as out:
             self._service = await asyncio.create_subprocess_exec(
                 *self.service_argv(), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
@@ -227,6 +238,11 @@ class VsmmuTarget(Target):
         except OSError:
             return "(no log)"
 
+    def failure_report(self, reason: str) -> str:
+        """QEMU's stderr and the service's log."""
+        return (f"{super().failure_report(reason)}\n--- vsmmu serve log ---\n"
+                f"{self.service_output()}")
+
     async def close(self) -> None:
         """Stop QEMU, then the service (SIGTERM, SIGKILL after a timeout)."""
         await super().close()
@@ -241,4 +257,5 @@ class VsmmuTarget(Target):
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._service = None
+        shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -1,0 +1,312 @@
+"""Run scenarios on both targets, compare, and sort every difference.
+
+Two observations agree when every DMA's RESULT, the output window's bytes,
+GERROR, CMDQ_CONS.ERR and every event record (id and each architecturally
+defined field, IHI 0070 §7.3) are equal.  A difference is *known* when a
+rule of :data:`KNOWN_DIFFERENCES` explains it — each rule names the IHI 0070
+section that decides it and says whether QEMU or the architecture's
+freedom is the cause; anything else is *new* and fails the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections.abc import Callable, Sequence
+
+from qmp_harness.differential.scenario import Dma, Observation, Scenario, event_fields, run
+from qmp_harness.differential.smmu import DmaOutcome
+from qmp_harness.differential.targets import Target
+from qmp_harness.qtest import QtestError
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(enum.Enum):
+    """How one scenario came out."""
+
+    AGREED = "agreed"
+    KNOWN = "known difference"
+    NEW = "new difference"
+    ONE_TARGET = "one target only"
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownDifference:
+    """A documented way the two SMMUs may differ (README, "Known differences")."""
+
+    key: str
+    summary: str
+    #: The IHI 0070 section that decides it, and who is right.
+    ruling: str
+    applies: Callable[[Scenario, Observation, Observation], bool]
+
+
+def coalesce(observation: Observation) -> tuple[dict[str, int], ...]:
+    """Each record's fields; within the records one DMA left, those equal but for a rising
+    input address inside the DMA (one DMA split into several accesses, each faulting on its
+    own) are kept once, as their first."""
+    out: list[dict[str, int]] = []
+    start = 0
+    groups: list[tuple[int, DmaOutcome | None]] = [(d.events_after, d) for d in observation.dmas]
+    groups.append((len(observation.events), None))
+    for end, dma in groups:
+        seen: list[dict[str, int]] = []
+        for record in observation.events[start:end]:
+            fields = event_fields(record)
+            address = fields.get("input_addr")
+            key = {k: v for k, v in fields.items() if k != "input_addr"}
+            inside = dma is not None and (address is None
+                                          or dma.iova <= address < dma.iova + dma.length)
+            if inside and key in seen:
+                continue
+            seen.append(key)
+            out.append(fields)
+        start = max(start, end)
+    return tuple(out)
+
+
+def normalized(observation: Observation) -> Observation:
+    """``observation`` with split-DMA records coalesced (see :func:`coalesce`)."""
+    from qmp_harness.differential.scenario import encode_fields
+    events = tuple(encode_fields(f) for f in coalesce(observation))
+    return dataclasses.replace(observation, events=events)
+
+
+def _only_stale_dmas_differ(scenario: Scenario, ours: Observation, qemu: Observation) -> bool:
+    dmas = [a for a in scenario.actions if isinstance(a, Dma)]
+    differing = [d for d, a, b in zip(dmas, ours.dmas, qemu.dmas, strict=True)
+                 if a.result != b.result]
+    return (bool(differing) and all(d.may_be_stale for d in differing)
+            and _same_events(ours, qemu) and ours.gerror == qemu.gerror)
+
+
+def _same_events(ours: Observation, qemu: Observation) -> bool:
+    return [event_fields(e) for e in ours.events] == [event_fields(e) for e in qemu.events]
+
+
+def _pairs(ours: Observation, qemu: Observation) -> list[tuple[dict[str, int], dict[str, int]]]:
+    mine = [event_fields(e) for e in ours.events]
+    theirs = [event_fields(e) for e in qemu.events]
+    return list(zip(mine, theirs, strict=True)) if len(mine) == len(theirs) else []
+
+
+def _qemu_permission_before_access(scenario: Scenario, ours: Observation,
+                                   qemu: Observation) -> bool:
+    pairs = _pairs(ours, qemu)
+    differing = [(a, b) for a, b in pairs if a != b]
+    return (bool(differing) and ours.dmas == qemu.dmas
+            and all(a["id"] == F_ACCESS and b["id"] == F_PERMISSION
+                    and {k: v for k, v in a.items() if k != "id"}
+                    == {k: v for k, v in b.items() if k != "id"} for a, b in differing))
+
+
+def _ids(observation: Observation) -> list[int]:
+    return [event_fields(e)["id"] for e in observation.events]
+
+
+def _qemu_refuses_s1cdmax(scenario: Scenario, ours: Observation, qemu: Observation) -> bool:
+    return (scenario.kind == "config-ste-s1cdmax" and set(_ids(qemu)) == {C_BAD_STE}
+            and C_BAD_STE not in _ids(ours))
+
+
+def _qemu_ignores_privilege(scenario: Scenario, ours: Observation, qemu: Observation) -> bool:
+    """We fault (F_PERMISSION) where QEMU let an unprivileged write through a leaf with
+    AP[1]=0; everything else (other DMAs, other records) is equal."""
+    if not scenario.unprivileged_leaf:
+        return False
+    mine = [event_fields(e) for e in ours.events]
+    extra = [f for f in mine if f["id"] == F_PERMISSION]
+    rest = [f for f in mine if f["id"] != F_PERMISSION]
+    theirs = [event_fields(e) for e in qemu.events]
+    failed = [a for a, b in zip(ours.dmas, qemu.dmas, strict=True) if a.result != b.result]
+    return (bool(extra) and rest == theirs and len(failed) == len(extra)
+            and all(d.result == TX_FAIL for d in failed))
+
+
+F_ACCESS, F_PERMISSION, C_BAD_STE = 0x12, 0x13, 0x04
+TX_FAIL = 0xDEAD_0002
+
+
+KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
+    KnownDifference(
+        "stale-tlb",
+        "After a leaf changed with no (or a non-matching) TLBI, one SMMU used the cached "
+        "translation and the other walked again.",
+        "IHI 0070 §16.2 (caching): an SMMU may cache a translation until it is invalidated, "
+        "and need not; both outcomes are correct. Only DMAs marked may_be_stale may differ.",
+        _only_stale_dmas_differ),
+    KnownDifference(
+        "qemu-permission-before-access",
+        "A write to a read-only leaf with AF=0 (CD.AFFD=0, no HTTU): QEMU records "
+        "F_PERMISSION, we record F_ACCESS.",
+        "IHI 0070 §3.13.1: 'An Access fault takes priority over a Permission fault'. "
+        "QEMU checks permissions first; we follow the architecture.",
+        _qemu_permission_before_access),
+    KnownDifference(
+        "qemu-s1cdmax",
+        "STE.S1CDMax != 0 on SMMUs that advertise IDR1.SSIDSIZE=0 (both do): QEMU records "
+        "C_BAD_STE, we translate through the one CD at S1ContextPtr.",
+        "IHI 0070 §5.2 S1CDMax: 'If SMMU_IDR1.SSIDSIZE == 0, this field is IGNORED' (and "
+        "S1Fmt, S1DSS with it). QEMU rejects any S1CDMax != 0 (multiple CDs unsupported).",
+        _qemu_refuses_s1cdmax),
+    KnownDifference(
+        "qemu-ignores-privilege",
+        "A write to a leaf with AP[1]=0 (EL0 no access): QEMU lets the device write, we "
+        "record F_PERMISSION.",
+        "IHI 0070 §13.7: a transaction without a PASID TLP prefix is 'Unprivileged' (STE.PRIVCFG "
+        "0b00 uses it); stage-1 AP[2:1]=0b0x gives unprivileged accesses no access. QEMU "
+        "ignores AP[1].",
+        _qemu_ignores_privilege),
+)
+
+#: What :func:`judge` reports when only QEMU's split records differ.
+SPLIT_DMA = KnownDifference(
+    "qemu-splits-dma",
+    "QEMU's iommu-testdev DMA reaches QEMU's SMMU as several aligned accesses, each "
+    "translated and faulting on its own, so one failed DMA leaves several records "
+    "(input addresses rising inside the DMA); ours is one transaction with one record.",
+    "Not an SMMU difference: IHI 0070 §7.3 records one event per faulting transaction, and "
+    "the number of transactions is the device's and the interconnect's choice. Compared "
+    "with each run of such records taken as its first.",
+    lambda scenario, ours, qemu: True)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One scenario's verdict and, on a difference, the two observations."""
+
+    scenario: Scenario
+    verdict: Verdict
+    ours: Observation | None = None
+    qemu: Observation | None = None
+    known: KnownDifference | None = None
+    #: A target failed during the scenario: what it and QEMU logged.
+    crash: str | None = None
+
+    def report(self) -> str:
+        """The scenario and both observations, readable."""
+        lines = [f"{self.verdict.value}: {self.scenario.name}"]
+        if self.known is not None:
+            lines.append(f"  known: {self.known.key} — {self.known.ruling}")
+        if self.scenario.only:
+            lines.append(f"  runs on {self.scenario.only} only: {self.scenario.only_reason}")
+        if self.crash is not None:
+            lines.append(f"  target failed:\n{self.crash}")
+        for label, observation in (("vsmmu", self.ours), ("qemu", self.qemu)):
+            if observation is not None:
+                lines += [f"  {label}: {line}" for line in observation.describe()]
+        return "\n".join(lines)
+
+
+def judge(scenario: Scenario, ours: Observation, qemu: Observation) -> Outcome:
+    """Compare the two observations (module docstring)."""
+    if _same(ours, qemu):
+        return Outcome(scenario, Verdict.AGREED, ours, qemu)
+    plain_ours, plain_qemu = normalized(ours), normalized(qemu)
+    if _same(plain_ours, plain_qemu):
+        return Outcome(scenario, Verdict.KNOWN, ours, qemu, SPLIT_DMA)
+    for known in KNOWN_DIFFERENCES:
+        if known.applies(scenario, plain_ours, plain_qemu):
+            return Outcome(scenario, Verdict.KNOWN, ours, qemu, known)
+    return Outcome(scenario, Verdict.NEW, ours, qemu)
+
+
+def _same(ours: Observation, qemu: Observation) -> bool:
+    return (ours.dmas == qemu.dmas and ours.window_digest == qemu.window_digest
+            and ours.gerror == qemu.gerror and ours.cmdq_error == qemu.cmdq_error
+            and _same_events(ours, qemu))
+
+
+async def compare(scenario: Scenario, ours: Target, qemu: Target) -> Outcome:
+    """Run ``scenario`` on both targets (only on one when it says so) and judge.
+
+    A target that stops answering (QEMU or the service died) makes the scenario a new
+    difference carrying the target's logs; the target is restarted for the next one.
+    """
+    observations: dict[str, Observation] = {}
+    for target in (ours, qemu):
+        if scenario.only not in (None, target.name):
+            continue
+        try:
+            observations[target.name] = await run(scenario, target)
+        except (QtestError, OSError, EOFError) as exc:
+            report = target.failure_report(f"{scenario.name}: {exc}")
+            log.error("%s", report)
+            await target.restart()
+            return Outcome(scenario, Verdict.NEW, crash=report)
+    if scenario.only is not None:
+        return Outcome(scenario, Verdict.ONE_TARGET, ours=observations.get(ours.name),
+                       qemu=observations.get(qemu.name))
+    return judge(scenario, observations[ours.name], observations[qemu.name])
+
+
+@dataclasses.dataclass
+class Summary:
+    """Counts over a run, and every outcome that was not plain agreement."""
+
+    outcomes: list[Outcome] = dataclasses.field(default_factory=list)
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one outcome."""
+        self.outcomes.append(outcome)
+
+    def count(self, verdict: Verdict) -> int:
+        """Outcomes with ``verdict``."""
+        return sum(1 for o in self.outcomes if o.verdict is verdict)
+
+    def by_kind(self) -> dict[str, int]:
+        """Scenarios per kind."""
+        kinds: dict[str, int] = {}
+        for outcome in self.outcomes:
+            kinds[outcome.scenario.kind] = kinds.get(outcome.scenario.kind, 0) + 1
+        return dict(sorted(kinds.items()))
+
+    def event_ids(self) -> dict[str, int]:
+        """How many scenarios produced each event id (on either target)."""
+        from qmp_harness.differential.scenario import EVENT_NAMES
+        seen: dict[str, int] = {}
+        for outcome in self.outcomes:
+            ids = set()
+            for observation in (outcome.ours, outcome.qemu):
+                if observation is not None:
+                    ids |= {e[0] for e in observation.events}
+            for event_id in ids:
+                name = EVENT_NAMES.get(event_id, hex(event_id))
+                seen[name] = seen.get(name, 0) + 1
+        return dict(sorted(seen.items()))
+
+    def text(self, *, details: bool = True) -> str:
+        """The printed summary."""
+        lines = [f"scenarios run: {len(self.outcomes)}",
+                 f"agreed: {self.count(Verdict.AGREED)}",
+                 f"known differences: {self.count(Verdict.KNOWN)}",
+                 f"new differences: {self.count(Verdict.NEW)}",
+                 f"one target only: {self.count(Verdict.ONE_TARGET)}"]
+        known: dict[str, int] = {}
+        for outcome in self.outcomes:
+            if outcome.known is not None:
+                known[outcome.known.key] = known.get(outcome.known.key, 0) + 1
+        lines += [f"  known {key}: {n}" for key, n in sorted(known.items())]
+        lines.append("by kind: " + ", ".join(f"{k}={n}" for k, n in self.by_kind().items()))
+        lines.append("events seen: " + ", ".join(f"{k}={n}" for k, n in self.event_ids().items()))
+        for outcome in self.outcomes:
+            if outcome.verdict is Verdict.ONE_TARGET:
+                lines.append(f"only on {outcome.scenario.only}: {outcome.scenario.name} "
+                             f"({outcome.scenario.only_reason})")
+        if details:
+            lines += [o.report() for o in self.outcomes if o.verdict is Verdict.NEW]
+        return "\n".join(lines)
+
+
+async def run_all(scenarios: Sequence[Scenario], ours: Target, qemu: Target,
+                  progress: Callable[[int, Outcome], None] | None = None) -> Summary:
+    """Compare every scenario."""
+    summary = Summary()
+    for index, scenario in enumerate(scenarios):
+        outcome = await compare(scenario, ours, qemu)
+        summary.add(outcome)
+        if progress is not None:
+            progress(index, outcome)
+    return summary
