@@ -93,6 +93,10 @@ EVENT_TAIL = 20
 POLL_INTERVAL = 0.05
 RESOURCE_FIELD_START = 0
 HWRNG_CURRENT = "/sys/class/misc/hw_random/rng_current"
+VIRTIO_RNG = "virtio-rng"
+VIRTIO_BLK = "virtio-blk"
+BLK_MODULES = ("virtio_blk",)
+"""The guest modules a virtio-blk endpoint needs (add them to :attr:`NestedConfig.modules`)."""
 SMMU_DRIVER = "arm-smmu-v3"
 
 
@@ -107,19 +111,29 @@ def pci_bdf(slot: int, function: int = 0) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class NestedEndpoint:
-    """One endpoint behind the vSMMU: a virtio-rng at ``slot``, SID = its RID."""
+    """One endpoint behind the vSMMU at ``slot``, SID = its RID: a virtio-rng, or a
+    virtio-blk (``kind=VIRTIO_BLK``) over the raw image ``image``."""
 
     slot: int
     seed: int = 1
     ats: bool = False
-    kind: str = "virtio-rng"
+    kind: str = VIRTIO_RNG
     behind_root_port: bool = False
     """Put the endpoint at 01:00.0 behind a hot-pluggable ``pcie-root-port`` at ``slot``."""
+    image: Path | None = None
+    """virtio-blk: the raw image file the service serves."""
+    readonly: bool = False
+    """virtio-blk: serve the image read-only."""
+
+    def __post_init__(self) -> None:
+        if (self.kind == VIRTIO_BLK) != (self.image is not None):
+            raise ValueError(f"endpoint at slot {self.slot}: a {VIRTIO_BLK} needs an image, "
+                             f"and only it (kind {self.kind!r}, image {self.image})")
 
     @property
     def name(self) -> str:
         """The endpoint's name in the service (and its socket's base name)."""
-        return f"rng{self.slot}"
+        return f"{'blk' if self.kind == VIRTIO_BLK else 'rng'}{self.slot}"
 
     @property
     def root_port_id(self) -> str:
@@ -165,6 +179,10 @@ class NestedEndpoint:
     def service_spec(self) -> str:
         """The ``vsmmu serve --endpoint`` text."""
         ats = "on" if self.ats else "off"
+        if self.kind == VIRTIO_BLK:
+            readonly = "on" if self.readonly else "off"
+            return (f"{self.kind},sid={self.sid:#x},file={self.image},readonly={readonly},"
+                    f"ats={ats},name={self.name}")
         return f"{self.kind},sid={self.sid:#x},seed={self.seed},ats={ats},name={self.name}"
 
 
@@ -461,10 +479,22 @@ class NestedMachine:
 
     async def wait_endpoint_bound(self, endpoint: NestedEndpoint,
                                   timeout: float = BIND_TIMEOUT) -> None:
-        """Wait until the endpoint's driver is bound and its hwrng is the current one."""
+        """Wait until the endpoint's driver is bound and its hwrng is the current one
+        (virtio-rng) or its disk exists (virtio-blk)."""
         await self.wait_guest(f"[ -e /sys/bus/pci/devices/{endpoint.bdf}/driver ]", timeout)
-        if endpoint.kind == "virtio-rng":
+        if endpoint.kind == VIRTIO_RNG:
             await self.wait_guest(f"grep -q virtio_rng {HWRNG_CURRENT} 2>/dev/null", timeout)
+        elif endpoint.kind == VIRTIO_BLK:
+            await self.wait_guest(f"[ -b /dev/$(ls {self._block_dir(endpoint)} 2>/dev/null) ]",
+                                  timeout)
+
+    @staticmethod
+    def _block_dir(endpoint: NestedEndpoint) -> str:
+        return f"/sys/bus/pci/devices/{endpoint.bdf}/virtio*/block"
+
+    async def block_device(self, endpoint: NestedEndpoint) -> str:
+        """The guest's ``/dev`` node of a virtio-blk endpoint's disk, e.g. ``/dev/vda``."""
+        return "/dev/" + await self.sh(f"ls {self._block_dir(endpoint)}")
 
     async def iommu_group(self, endpoint: NestedEndpoint) -> str | None:
         """The guest IOMMU group number of ``endpoint`` (None without one)."""
@@ -623,8 +653,11 @@ def _format_events(events: Sequence[Mapping[str, Any]]) -> str:
 
 
 __all__ = [
+    "BLK_MODULES",
     "EXPECTED_SMMU_BAR",
     "SMMU_SLOT",
+    "VIRTIO_BLK",
+    "VIRTIO_RNG",
     "GuestDecodedEvent",
     "GuestEventReport",
     "HwrngSample",

@@ -1,11 +1,14 @@
 """``vsmmu demo`` (``make run``): a stock guest boots with the nested vSMMU and does DMA.
 
-The demo starts ``vsmmu serve`` (sim backend) with one virtio-rng endpoint,
-boots the Debian guest through :class:`qmp_harness.nested.NestedMachine` and
-shows, step by step: the guest driver's SMMU probe lines, the endpoint in an
-IOMMU group, a DMA check (the SHA-256 of bytes read from ``/dev/hwrng`` in
-the guest equals the SHA-256 of the endpoint generator's stream at the same
-offset) and the iommufd objects the service created, read over its QMP.
+The demo starts ``vsmmu serve`` (sim backend) with a virtio-rng endpoint and
+a virtio-blk disk (a fresh raw image in a temporary directory), boots the
+Debian guest through :class:`qmp_harness.nested.NestedMachine` and shows,
+step by step: the guest driver's SMMU probe lines, the endpoint in an IOMMU
+group, a DMA check (the SHA-256 of bytes read from ``/dev/hwrng`` in the
+guest equals the SHA-256 of the endpoint generator's stream at the same
+offset), a disk check (a pattern the guest writes with ``O_DIRECT`` is in
+the image file on the host and reads back) and the iommufd objects the
+service created, read over its QMP.
 
 :func:`check_hwrng_sample` is the DMA check, shared with the e2e tests.
 """
@@ -16,12 +19,20 @@ import dataclasses
 import hashlib
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from qmp_harness.nested import HwrngSample, NestedConfig, NestedEndpoint, NestedMachine
+from qmp_harness.nested import (
+    BLK_MODULES,
+    VIRTIO_BLK,
+    HwrngSample,
+    NestedConfig,
+    NestedEndpoint,
+    NestedMachine,
+)
 from vsmmu.endpoints.virtio_rng import (
     locate_in_stream,
     match_stream_blocks,
@@ -31,12 +42,16 @@ logger = logging.getLogger(__name__)
 
 DEMO_READ_BYTES = 256 * 1024
 DEMO_SEED = 0x5EED
+DEMO_DISK_BYTES = 64 * 1024 * 1024
+DEMO_DISK_WRITE = 1024 * 1024
+DEMO_DISK_BLOCK = 64 * 1024
 STREAM_LOOKAHEAD = 256 * 1024
 """How far past the last checked byte a new read may start (boot-time and kthread takes)."""
 
 
 class DmaCheckError(AssertionError):
-    """The guest's ``/dev/hwrng`` bytes are not the endpoint's stream."""
+    """The guest's ``/dev/hwrng`` bytes are not the endpoint's stream, or its disk's
+    bytes are not the image file's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +131,23 @@ async def run_demo(qemu: Any, guest: Any, cache: Path, out: TextIO = sys.stdout)
     Raises NestedBootError (with console, service log and QMP events) or
     DmaCheckError when something does not work.
     """
-    report = DemoReport(out)
+    with tempfile.TemporaryDirectory(prefix="vsmmu-demo-") as scratch:
+        image = Path(scratch) / "disk.raw"
+        with image.open("wb") as disk:
+            disk.truncate(DEMO_DISK_BYTES)
+        return await _demo(qemu, guest, cache, image, DemoReport(out))
+
+
+async def _demo(qemu: Any, guest: Any, cache: Path, image: Path, report: DemoReport) -> int:
     endpoint = NestedEndpoint(slot=2, seed=DEMO_SEED)
-    config = NestedConfig(endpoints=(endpoint,), append=("iommu.strict=1",))
+    disk = NestedEndpoint(slot=3, kind=VIRTIO_BLK, image=image)
+    config = NestedConfig(endpoints=(endpoint, disk), append=("iommu.strict=1",),
+                          modules=("virtio_rng", *BLK_MODULES))
     report.step(f"starting `vsmmu serve` (sim backend) with a virtio-rng endpoint at "
-                f"{endpoint.bdf} (StreamID {endpoint.sid:#x}, seed {DEMO_SEED:#x}), then "
-                "QEMU with both as vfio-user devices and a DT with the SMMU node")
+                f"{endpoint.bdf} (StreamID {endpoint.sid:#x}, seed {DEMO_SEED:#x}) and a "
+                f"virtio-blk disk at {disk.bdf} (StreamID {disk.sid:#x}, a "
+                f"{DEMO_DISK_BYTES // 2**20} MiB raw image {image}), then QEMU with all three "
+                "as vfio-user devices and a DT with the SMMU node")
     async with NestedMachine(qemu, guest, config, cache=cache, name="demo") as nm:
         qemu_version = (await nm.vm.execute("query-version"))["qemu"]
         report.step(f"guest booted; SMMU BAR0 at {nm.smmu_bar:#x} (checked in sysfs and "
@@ -146,6 +172,7 @@ async def run_demo(qemu: Any, guest: Any, cache: Path, out: TextIO = sys.stdout)
         skipped = (f"; {check.skipped} bytes in between went to the kernel's hwrng thread"
                    if check.skipped else "")
         report.step(f"DMA check passed: every 4 KiB block and the whole sha256 match{skipped}")
+        await _disk_check(nm, disk, image, report)
         streams = await nm.service("query-vsmmu-streams", {"sid": endpoint.sid})
         state = await nm.service("query-vsmmu")
         report.step(f"service QMP: StreamID {endpoint.sid:#x} -> "
@@ -155,3 +182,32 @@ async def run_demo(qemu: Any, guest: Any, cache: Path, out: TextIO = sys.stdout)
         report.step("shutting down")
     report.step("done")
     return 0
+
+
+async def _disk_check(nm: NestedMachine, disk: NestedEndpoint, image: Path,
+                      report: DemoReport) -> None:
+    """The guest writes a pattern to the disk; the host finds it in the image; it reads back."""
+    await nm.wait_endpoint_bound(disk)
+    device = await nm.block_device(disk)
+    name = device.removeprefix("/dev/")
+    report.step(f"disk {device} ({disk.bdf}, serial {await nm.sh(f'cat /sys/block/{name}/serial')}"
+                f", {int(await nm.sh(f'cat /sys/block/{name}/size')) * 512 // 2**20} MiB) in "
+                f"IOMMU group {await nm.iommu_group(disk)}; the guest writes "
+                f"{DEMO_DISK_WRITE // 1024} KiB of /dev/urandom to it with O_DIRECT")
+    blocks = DEMO_DISK_WRITE // DEMO_DISK_BLOCK
+    written = await nm.sh(
+        f"dd if=/dev/urandom of=/tmp/pattern bs={DEMO_DISK_BLOCK} count={blocks} 2>/dev/null && "
+        f"dd if=/tmp/pattern of={device} bs={DEMO_DISK_BLOCK} oflag=direct conv=fsync "
+        "2>/dev/null && sha256sum /tmp/pattern", timeout=120)
+    guest_sha = written.split()[0]
+    with image.open("rb") as raw:
+        host_sha = hashlib.sha256(raw.read(DEMO_DISK_WRITE)).hexdigest()
+    read_back = (await nm.sh(
+        f"dd if={device} bs={DEMO_DISK_BLOCK} count={blocks} iflag=direct 2>/dev/null "
+        "| sha256sum", timeout=120)).split()[0]
+    report.detail(f"guest sha256 of the pattern:   {guest_sha}\n"
+                  f"host sha256 of the image file: {host_sha}\n"
+                  f"guest sha256 read back:        {read_back}")
+    if not guest_sha == host_sha == read_back:
+        raise DmaCheckError("the disk's bytes differ between the guest and the image file")
+    report.step("disk check passed: the image file holds what the guest wrote, and it reads back")

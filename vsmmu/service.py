@@ -186,6 +186,14 @@ class StreamDmaPort:
             raise EndpointDmaError(iova, fault.result.reason, length=len(data),
                                    write=True) from None
 
+    def views(self, iova: int, length: int, *, write: bool) -> list[memoryview]:
+        """Zero-copy DMA: host views of the translated range. Raises EndpointDmaError."""
+        try:
+            return self.translator.dma_views(self.sid, iova, length, write)
+        except StreamFault as fault:
+            raise EndpointDmaError(iova, fault.result.reason, length=length,
+                                   write=write) from None
+
 
 class _QmpObserver(TranslatorObserver):
     """Turns translator happenings into QMP events."""

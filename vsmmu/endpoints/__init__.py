@@ -11,6 +11,7 @@ Public API:
   :func:`~vsmmu.endpoints.virtio_rng.locate_in_stream`;
 * :class:`~vsmmu.endpoints.iommu_testdev.IommuTestdev` — QEMU's
   ``iommu-testdev`` register file (one DMA through the IOMMU per trigger);
+* :class:`~vsmmu.endpoints.virtio_blk.VirtioBlk` — a block device over a raw image;
 * :class:`~vsmmu.endpoints.identity.IdentityDmaPort` — no-IOMMU DMA, for
   tests of an endpoint alone.
 """
@@ -25,6 +26,7 @@ from vsmmu.endpoints.base import (
 )
 from vsmmu.endpoints.identity import IdentityDmaPort
 from vsmmu.endpoints.iommu_testdev import IommuTestdev
+from vsmmu.endpoints.virtio_blk import VirtioBlk
 from vsmmu.endpoints.virtio_pci import VirtioPciEndpoint
 from vsmmu.endpoints.virtio_rng import VirtioRng, expected_stream, locate_in_stream
 from vsmmu.endpoints.virtqueue import VirtqueueError
@@ -37,6 +39,7 @@ __all__ = [
     "EndpointSpecError",
     "IdentityDmaPort",
     "IommuTestdev",
+    "VirtioBlk",
     "VirtioPciEndpoint",
     "VirtioRng",
     "VirtqueueError",

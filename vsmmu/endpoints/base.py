@@ -64,6 +64,18 @@ class DmaPort(Protocol):
         """
         ...
 
+    def views(self, iova: int, length: int, *, write: bool) -> list[memoryview]:
+        """The host memory behind ``[iova, iova + length)``, translated, in order.
+
+        For moving bulk data without a copy (``os.preadv`` straight into guest
+        RAM).  The whole range is translated and checked before anything is
+        returned, so a refusal leaves guest memory untouched.  Use the views at
+        once: a later unmap or invalidation does not revoke them.
+
+        :raises EndpointDmaError: some page of the range was refused.
+        """
+        ...
+
 
 class UnboundDmaPort:
     """The port of an endpoint nobody has bound yet: every access is refused."""
@@ -79,6 +91,12 @@ class UnboundDmaPort:
         """Refuse: no port bound."""
         raise EndpointDmaError(
             iova, f"{self.endpoint}: no DMA port bound", length=len(data), write=True
+        )
+
+    def views(self, iova: int, length: int, *, write: bool) -> list[memoryview]:
+        """Refuse: no port bound."""
+        raise EndpointDmaError(
+            iova, f"{self.endpoint}: no DMA port bound", length=length, write=write
         )
 
 
@@ -166,7 +184,9 @@ def make_endpoint(spec: str) -> Endpoint:
     """Build the endpoint a spec names, e.g. ``"virtio-rng,seed=1,ats=on,name=rng0"``.
 
     Kinds: ``virtio-rng`` (options ``seed``, ``ats``, ``name``; see
-    :func:`vsmmu.endpoints.virtio_rng.VirtioRng.from_options`) and
+    :func:`vsmmu.endpoints.virtio_rng.VirtioRng.from_options`),
+    ``virtio-blk`` (``file``, ``readonly``, ``serial``, ``ats``, ``name``; see
+    :func:`vsmmu.endpoints.virtio_blk.VirtioBlk.from_options`) and
     ``iommu-testdev`` (option ``name``; see
     :mod:`vsmmu.endpoints.iommu_testdev`).
 
@@ -174,9 +194,11 @@ def make_endpoint(spec: str) -> Endpoint:
     """
     # Imported here: the concrete endpoints import this module.
     from vsmmu.endpoints.iommu_testdev import IommuTestdev
+    from vsmmu.endpoints.virtio_blk import VirtioBlk
     from vsmmu.endpoints.virtio_rng import VirtioRng
 
     kinds = {VirtioRng.KIND: VirtioRng.from_options,
+             VirtioBlk.KIND: VirtioBlk.from_options,
              IommuTestdev.KIND: IommuTestdev.from_options}
     kind, options = parse_spec(spec)
     factory = kinds.get(kind)

@@ -46,3 +46,17 @@ class IdentityDmaPort:
         except DmaError as exc:
             raise EndpointDmaError(iova, str(exc), length=len(data), write=True) from exc
         self.writes += 1
+
+    def views(self, iova: int, length: int, *, write: bool) -> list[memoryview]:
+        """Guest memory at GPA ``iova`` without a copy.
+
+        :raises EndpointDmaError: not inside one fd-backed mapping with that access.
+        """
+        try:
+            mapping = self.table.find(iova, length)
+            if write and not mapping.writable:
+                raise DmaError(f"DMA write gpa={iova:#x}: mapping is read-only")
+            view = self.table.view(iova, length)
+        except DmaError as exc:
+            raise EndpointDmaError(iova, str(exc), length=length, write=write) from exc
+        return [view]

@@ -20,11 +20,14 @@ VIRTIO_PCI_MODERN_DEVICE_BASE: Final = 0x1040
 VIRTIO_PCI_MODERN_REVISION: Final = 1
 #: PCI class "other" (class 0xff, subclass 0, prog-if 0), as QEMU's virtio-rng-pci.
 PCI_CLASS_OTHERS: Final = 0xFF0000
+#: PCI class "mass storage, SCSI" (0x01, 0x00), as QEMU's virtio-blk-pci.
+PCI_CLASS_STORAGE_SCSI: Final = 0x010000
 
 
 class VirtioDeviceId(enum.IntEnum):
     """Virtio device ids (§5)."""
 
+    BLOCK = 2
     ENTROPY = 4
 
 
@@ -175,3 +178,45 @@ class AvailFlag(enum.IntFlag):
     """``virtq_avail.flags``."""
 
     NO_INTERRUPT = 1
+
+
+# -- block device (§5.2) ------------------------------------------------------------
+
+
+class BlkFeature(enum.IntEnum):
+    """virtio-blk device feature bit numbers (§5.2.3)."""
+
+    SIZE_MAX = 1
+    SEG_MAX = 2
+    RO = 5
+    BLK_SIZE = 6
+    FLUSH = 9
+
+
+class BlkRequestType(enum.IntEnum):
+    """``virtio_blk_outhdr.type`` (§5.2.6)."""
+
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+
+
+class BlkStatus(enum.IntEnum):
+    """The status byte a request ends with (§5.2.6)."""
+
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+
+
+#: Sectors are 512 bytes whatever ``blk_size`` says (§5.2.6).
+VIRTIO_BLK_SECTOR_SIZE: Final = 512
+#: ``struct virtio_blk_outhdr``: le32 type, le32 reserved, le64 sector.
+VIRTIO_BLK_OUTHDR_FORMAT: Final = "<IIQ"
+VIRTIO_BLK_OUTHDR_SIZE: Final = 16
+#: A GET_ID answer is at most 20 bytes, NUL-padded (no terminator when it is exactly 20).
+VIRTIO_BLK_ID_BYTES: Final = 20
+#: ``struct virtio_blk_config`` up to ``blk_size``: le64 capacity, le32 size_max,
+#: le32 seg_max, geometry (le16 cylinders, u8 heads, u8 sectors), le32 blk_size.
+VIRTIO_BLK_CONFIG_FORMAT: Final = "<QIIHBBI"

@@ -797,6 +797,15 @@ class SimIommufd(IommufdBackend):
             view[:] = data[pos : pos + len(view)]
             pos += len(view)
 
+    def dma_views(self, dev_id: int, iova: int, length: int, write: bool) -> list[memoryview]:
+        """Translate ``[iova, iova + length)`` as device ``dev_id``: the host views, in order.
+
+        Every page is translated (and permission-checked) before this returns,
+        so a DmaFault leaves guest memory untouched.
+        """
+        dev = self._device(dev_id, "DMA")
+        return self.smmu.access(dev, iova, length, write)
+
     # --- the raw ioctl entry point (iommufd_fops_ioctl) ---
 
     def ioctl(self, request: int, buf: bytearray) -> None:

@@ -634,22 +634,10 @@ class NestingTranslator:
         """
         payload = data if data is not None else bytes(length)
         stream = self._streams.get(sid)
-        smmu = self.smmu
-        if smmu.enabled:
-            lookup = stream.lookup if stream is not None and stream.lookup is not None \
-                else smmu.lookup_ste(sid)
-            if stream is None or lookup.status not in _HOST_EVENTS:
-                event = lookup.event(ssid)
-                if event is not None:
-                    self.record_event(event.encode(), "transaction")
-                    return TransactionResult(sid, iova, write, False, event=event,
-                                             reason=f"guest STE: {lookup.status.value}")
-                if stream is None:
-                    return TransactionResult(sid, iova, write, False,
-                                             reason="no endpoint at this StreamID")
-        elif stream is None:
-            return TransactionResult(sid, iova, write, False,
-                                     reason="SMMU disabled and no endpoint at this StreamID")
+        refused = self._refused_by_guest(sid, stream, iova, write, ssid)
+        if refused is not None:
+            return refused
+        assert stream is not None  # _refused_by_guest refuses a StreamID with no endpoint
         sim = self._sim  # (the backend may be wrapped for fault injection; DMA is the sim's)
         if sim is None:
             return TransactionResult(sid, iova, write, False,
@@ -668,6 +656,28 @@ class NestingTranslator:
         except IommufdError as exc:
             return TransactionResult(sid, iova, write, False, reason=str(exc))
         return result
+
+    def _refused_by_guest(self, sid: int, stream: Stream | None, iova: int, write: bool,
+                          ssid: int | None) -> TransactionResult | None:
+        """The result of a transaction the guest's stream table (or a missing endpoint)
+        refuses before the host sees it, with its event recorded; None when it goes on."""
+        smmu = self.smmu
+        if smmu.enabled:
+            lookup = stream.lookup if stream is not None and stream.lookup is not None \
+                else smmu.lookup_ste(sid)
+            if stream is None or lookup.status not in _HOST_EVENTS:
+                event = lookup.event(ssid)
+                if event is not None:
+                    self.record_event(event.encode(), "transaction")
+                    return TransactionResult(sid, iova, write, False, event=event,
+                                             reason=f"guest STE: {lookup.status.value}")
+                if stream is None:
+                    return TransactionResult(sid, iova, write, False,
+                                             reason="no endpoint at this StreamID")
+        elif stream is None:
+            return TransactionResult(sid, iova, write, False,
+                                     reason="SMMU disabled and no endpoint at this StreamID")
+        return None
 
     def _direct(self, sid: int) -> Stream | None:
         """The endpoint's stream when :meth:`transaction` would hand its access straight
@@ -710,6 +720,27 @@ class NestingTranslator:
         result = self.transaction(sid, iova, write=True, data=data)
         if not result.ok:
             raise StreamFault(result)
+
+    def dma_views(self, sid: int, iova: int, length: int, write: bool) -> list[memoryview]:
+        """An endpoint's zero-copy DMA: host views of the whole translated range.
+
+        Judged as :meth:`transaction` judges an access (guest STE first, then
+        the backend); nothing is returned unless every page is allowed.
+        Raises StreamFault when refused.
+        """
+        stream = self._direct(sid)
+        if stream is None:
+            stream = self._streams.get(sid)
+            refused = self._refused_by_guest(sid, stream, iova, write, None)
+            if refused is not None:
+                raise StreamFault(refused)
+        if stream is None or self._sim is None:
+            reason = f"the {self.backend.name} backend cannot issue DMA"
+            raise StreamFault(TransactionResult(sid, iova, write, False, reason=reason))
+        try:
+            return self._sim.dma_views(stream.dev_id, iova, length, write)
+        except (DmaFault, IommufdError) as exc:
+            raise StreamFault(self._dma_refused(sid, iova, write, exc)) from None
 
     def _dma_refused(self, sid: int, iova: int, write: bool,
                      exc: DmaFault | IommufdError) -> TransactionResult:

@@ -40,6 +40,7 @@ AVAIL_RING = 0x2000
 USED_RING = 0x3000
 BUFFERS = 0x10000
 QUEUE_SIZE = 8
+PAGE_SIZE = 4096
 WIDTH = vu.COMMON_CFG_WIDTH
 
 
@@ -50,6 +51,7 @@ class GuestMemory:
         self.data = bytearray(size)
         self.refused: list[tuple[int, int]] = []
         self.accesses = 0
+        self.view_bytes = 0
 
     def _check(self, iova: int, length: int, write: bool) -> None:
         self.accesses += 1
@@ -68,6 +70,18 @@ class GuestMemory:
         """DmaPort write."""
         self._check(iova, len(data), write=True)
         self.data[iova : iova + len(data)] = data
+
+    def views(self, iova: int, length: int, *, write: bool) -> list[memoryview]:
+        """DmaPort views: one per 4 KiB page touched, as the translating port returns."""
+        self._check(iova, length, write=write)
+        self.view_bytes += length
+        views = []
+        while length > 0:
+            chunk = min(length, PAGE_SIZE - iova % PAGE_SIZE)
+            views.append(memoryview(self.data)[iova : iova + chunk])
+            iova += chunk
+            length -= chunk
+        return views
 
     def u16(self, address: int) -> int:
         """A little-endian u16 of guest memory (the driver's view)."""
@@ -286,7 +300,7 @@ def test_ats_option_exposes_the_extended_capability() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("virtio-blk", "kind 'virtio-blk'"),
+        ("virtio-net", "kind 'virtio-net'"),
         ("", "expected 'kind"),
         ("virtio-rng,seed", "not key=value"),
         ("virtio-rng,seed=1,seed=2", "given twice"),
