@@ -377,6 +377,11 @@ class SanitizedDmaPort:
         self.sanitizer.check_dma(self.sid, iova, len(data))
         self.inner.write(iova, data)
 
+    def views(self, iova: int, length: int, *, write: bool) -> list[memoryview]:
+        """Check, then translate through the wrapped port (zero-copy data)."""
+        self.sanitizer.check_dma(self.sid, iova, length)
+        return self.inner.views(iova, length, write=write)
+
 
 def _sid_of(dw0: int) -> int | None:
     opcode = CMD.OPCODE.get(dw0)
