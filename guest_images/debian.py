@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 MIRROR = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SUITES = ("trixie", "trixie-backports", "sid")
+TOOLCHAIN_SUITES = ("bookworm",)
+"""A second root for build tools that must run on this Debian 12 host (its glibc)."""
 ARCHITECTURES = ("amd64", "arm64")
 ARCHIVES_ENV = "VSMMU_APT_ARCHIVES"
 
@@ -80,13 +82,19 @@ def _deb_fields(deb: Path) -> dict[str, str]:
 class DebianArchive:
     """A private apt root under ``<cache>/apt`` for trixie, trixie-backports and sid.
 
-    Every method is safe to call from several processes at once: apt runs
+    Another ``suites`` set gets a root of its own (``<cache>/apt-<suites>``), so
+    its indexes never change what the default root resolves.  Every method is safe to call from several processes at once: apt runs
     under an exclusive lock on ``<cache>/apt/lock``.
     """
 
-    def __init__(self, cache: Path, *, archives: Path | None = None) -> None:
+    def __init__(
+        self, cache: Path, *, archives: Path | None = None, suites: Sequence[str] = SUITES
+    ) -> None:
         self.cache = Path(cache).resolve()
-        self.root = self.cache / "apt"
+        self.suites = tuple(suites)
+        self.root = self.cache / (
+            "apt" if self.suites == SUITES else "apt-" + "-".join(self.suites)
+        )
         env_archives = os.environ.get(ARCHIVES_ENV)
         if archives is None and env_archives:
             archives = Path(env_archives)
@@ -124,7 +132,7 @@ class DebianArchive:
             etc / "sources.list",
             "".join(
                 f"deb [arch={arch_list} signed-by={KEYRING}] {MIRROR} {suite} main\n"
-                for suite in SUITES
+                for suite in self.suites
             ),
         )
         _write_if_changed(
@@ -209,7 +217,7 @@ Debug::NoLocking "true";
     def has_lists(self) -> bool:
         """True when the indexes of every suite have been downloaded."""
         names = [p.name for p in self.lists_dir.glob("*_Packages*")]
-        return all(any(f"_dists_{suite}_main_" in n for n in names) for suite in SUITES)
+        return all(any(f"_dists_{suite}_main_" in n for n in names) for suite in self.suites)
 
     def update(self, *, force: bool = False) -> None:
         """Download the package indexes (skipped if present, unless ``force``)."""
