@@ -83,8 +83,9 @@ class DebianArchive:
     """A private apt root under ``<cache>/apt`` for trixie, trixie-backports and sid.
 
     Another ``suites`` set gets a root of its own (``<cache>/apt-<suites>``), so
-    its indexes never change what the default root resolves.  Every method is safe to call from several processes at once: apt runs
-    under an exclusive lock on ``<cache>/apt/lock``.
+    its indexes never change what the default root resolves.  Every method is
+    safe to call from several processes at once: apt runs under an exclusive
+    lock on ``<root>/lock``.
     """
 
     def __init__(
@@ -309,6 +310,15 @@ Debug::NoLocking "true";
         Raises DebianArchiveError if a package is missing from the suite.
         """
         wanted = self.resolve(names, arch=arch, suite=suite, with_dependencies=with_dependencies)
+        return self.fetch_resolved(wanted, suite=suite)
+
+    def fetch_resolved(
+        self, wanted: Sequence[tuple[str, str, str]], *, suite: str
+    ) -> list[DebianPackage]:
+        """Download exactly these ``(name, version, arch)`` (as :meth:`resolve` returns them).
+
+        ``suite`` only labels the progress output.
+        """
         packages: list[DebianPackage] = []
         missing: list[tuple[str, str, str]] = []
         for name, version, pkg_arch in wanted:

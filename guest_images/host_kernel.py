@@ -141,10 +141,20 @@ def ensure_host_kernel(
     survive configuration, DebianArchiveError when apt cannot deliver a package.
     """
     cache = Path(cache or default_cache()).resolve()
+    # The source version last built is reused without asking apt (apt is slow under
+    # load); remove <cache>/host-kernel/current to move to a newer Debian upload.
+    current = _root(cache) / "current"
+    if current.exists():
+        kernel = load_host_kernel(cache, current.read_text().strip(), fragment)
+        if kernel is not None:
+            _say(f"host kernel {SOURCE_PACKAGE} {kernel.source_version} already built: "
+                 f"{kernel.image}")
+            return kernel
     archive = DebianArchive(cache)
     version = archive.candidate(SOURCE_PACKAGE, arch=HOST_ARCH, suite=SOURCE_SUITE)
     kernel = load_host_kernel(cache, version, fragment)
     if kernel is not None:
+        current.write_text(version + "\n")
         _say(f"host kernel {SOURCE_PACKAGE} {version} already built: {kernel.image}")
         return kernel
     with _locked(cache):
@@ -155,6 +165,7 @@ def ensure_host_kernel(
         source = _unpack_source(cache, archive, version)
         toolchain = _unpack_toolchain(cache)
         kernel = _build(cache, source, toolchain, version, fragment, jobs or os.cpu_count() or 1)
+        current.write_text(version + "\n")
         _say(f"host kernel built in {_clock(time.monotonic() - started)}: {kernel.image}")
         return kernel
 
@@ -191,8 +202,8 @@ def _unpack_toolchain(cache: Path) -> Path:
     closure = archive.resolve(
         TOOLCHAIN_PACKAGES, arch=HOST_ARCH, suite=TOOLCHAIN_SUITE, with_dependencies=True
     )
-    names = [name for name, _, _ in closure if name not in HOST_RUNTIME]
-    packages = archive.fetch(names, arch=HOST_ARCH, suite=TOOLCHAIN_SUITE)
+    wanted = [package for package in closure if package[0] not in HOST_RUNTIME]
+    packages = archive.fetch_resolved(wanted, suite=TOOLCHAIN_SUITE)
     prefix = Path(cache) / "toolchain" / f"{TOOLCHAIN_SUITE}-aarch64"
     unpack_packages(packages, prefix)
     return prefix
