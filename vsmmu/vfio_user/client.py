@@ -14,11 +14,12 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 
 from vsmmu.vfio_user import uapi
-from vsmmu.vfio_user.messages import Message, VfioUserError
+from vsmmu.vfio_user.messages import Message, VfioUserError, close_fds
 from vsmmu.vfio_user.transport import ConnectionClosed, MessageChannel
 
 logger = logging.getLogger(__name__)
@@ -37,11 +38,22 @@ class ClientError(VfioUserError):
 
 @dataclasses.dataclass(frozen=True)
 class RegionInfo:
-    """A DEVICE_GET_REGION_INFO reply."""
+    """A DEVICE_GET_REGION_INFO reply.
+
+    ``argsz`` is what the server says the whole reply needs (more than was
+    asked for when capabilities did not fit); ``caps`` the capability chain
+    that came (offsets from the reply's ``argsz``); ``fd`` a descriptor to
+    mmap the region from at ``offset`` (the caller owns and closes it).
+    """
 
     flags: int
     index: int
     size: int
+    offset: int = 0
+    argsz: int = 0
+    cap_offset: int = 0
+    caps: bytes = b""
+    fd: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,12 +265,25 @@ class VfioUserClient:
         )
         return flags, regions, irqs
 
-    async def region_info(self, index: int) -> RegionInfo:
-        """DEVICE_GET_REGION_INFO for region ``index``."""
-        payload = uapi.REGION_INFO.pack(uapi.REGION_INFO.size, 0, index, 0, 0, 0)
-        reply = await self.call(uapi.Command.DEVICE_GET_REGION_INFO, payload)
-        _, flags, got_index, _, size, _ = uapi.REGION_INFO.unpack_from(reply)
-        return RegionInfo(flags, got_index, size)
+    async def region_info(self, index: int, argsz: int = uapi.REGION_INFO.size) -> RegionInfo:
+        """DEVICE_GET_REGION_INFO for region ``index``, with room for ``argsz`` bytes.
+
+        :raises ClientError: the server replied with an error.
+        """
+        payload = uapi.REGION_INFO.pack(argsz, 0, index, 0, 0, 0)
+        reply = await self.request(uapi.Command.DEVICE_GET_REGION_INFO, payload)
+        assert reply is not None
+        fds = reply.take_fds()
+        if reply.flags & uapi.MsgFlag.ERROR:
+            close_fds(fds)
+            raise ClientError(uapi.Command.DEVICE_GET_REGION_INFO, reply.error)
+        for extra in fds[1:]:
+            os.close(extra)
+        got_argsz, flags, got_index, cap_offset, size, offset = uapi.REGION_INFO.unpack_from(
+            reply.payload)
+        caps = reply.payload[uapi.REGION_INFO.size :]
+        return RegionInfo(flags, got_index, size, offset, got_argsz, cap_offset, caps,
+                          fds[0] if fds else None)
 
     async def irq_info(self, index: int) -> IrqInfo:
         """DEVICE_GET_IRQ_INFO for IRQ index ``index``."""

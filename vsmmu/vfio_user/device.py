@@ -4,17 +4,25 @@ A device describes itself with a :class:`PciDevice`: identity, BARs with
 synchronous read/write handlers, interrupt vectors, reset and disconnect
 callbacks.  It raises interrupts through :class:`IrqVector` and reaches guest
 memory through :attr:`PciDevice.dma`.  It never sees a vfio-user message.
+
+:class:`PciFunction` is what the protocol layer asks of any function it
+serves; :class:`PciDevice` answers it for a device emulated here, and a
+function forwarded from elsewhere (a VFIO device passed through) answers it
+with what that device reports.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
 
 from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.dma import DmaMapTable
+from vsmmu.vfio_user.messages import CommandError
 from vsmmu.vfio_user.pci import (
     BarLayout,
     MsixLayout,
@@ -119,7 +127,104 @@ class IrqVector:
         self.pending = False
 
 
-class PciDevice:
+@dataclasses.dataclass(frozen=True)
+class RegionInfo:
+    """What DEVICE_GET_REGION_INFO answers for one region.
+
+    ``flags`` are ``REGION_INFO_FLAG_*``.  A region the client may mmap
+    comes with ``fd`` (lent: the function keeps it open while it serves)
+    and the region's ``offset`` in it.  ``caps`` is a VFIO capability chain
+    (e.g. sparse mmap areas) as it follows the fixed reply, its ``next``
+    offsets counted from the start of the reply's ``argsz``.
+    """
+
+    size: int
+    flags: int
+    offset: int = 0
+    fd: int | None = None
+    caps: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class IrqInfo:
+    """What DEVICE_GET_IRQ_INFO answers for one interrupt index."""
+
+    flags: int
+    count: int
+
+
+@dataclasses.dataclass
+class IrqSet:
+    """One validated DEVICE_SET_IRQS: ``count`` vectors from ``start`` of ``index``.
+
+    ``data_type`` and ``action`` are single ``IRQ_SET_*`` bits.  ``fds`` are
+    the eventfds that came with a DATA_EVENTFD request (empty: de-assign);
+    the function takes ownership of them.  ``bools`` holds DATA_BOOL's bytes.
+    """
+
+    index: int
+    data_type: int
+    action: int
+    start: int
+    count: int
+    fds: list[int] = dataclasses.field(default_factory=list)
+    bools: bytes = b""
+
+
+class PciFunction(abc.ABC):
+    """What the protocol layer serves: a PCI function's regions, interrupts and reset.
+
+    Implementations: :class:`PciDevice` (a device model in this process) and
+    forwarded functions such as a VFIO device passed through.  Every method
+    may raise :class:`~vsmmu.vfio_user.messages.CommandError`, which becomes
+    the client's error reply.
+    """
+
+    #: Memory BARs by index, served on the register fast path.
+    bars: dict[int, BarRegion]
+    #: Guest memory the client mapped for this function's DMA.
+    dma: DmaMapTable
+
+    @abc.abstractmethod
+    def region_info(self, index: int) -> RegionInfo:
+        """Region ``index`` (a BAR, ROM, config space or VGA); size 0 when absent."""
+
+    def region_size(self, index: int) -> int:
+        """Size of VFIO region ``index`` (0 when absent)."""
+        return self.region_info(index).size
+
+    @abc.abstractmethod
+    def irq_info(self, index: int) -> IrqInfo:
+        """Interrupt index ``index``: how it is signalled and how many vectors it has."""
+
+    @abc.abstractmethod
+    def set_irqs(self, request: IrqSet) -> None:
+        """Apply a SET_IRQS the protocol layer has validated against :meth:`irq_info`."""
+
+    @abc.abstractmethod
+    def config_read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of configuration space at ``offset`` (bounds already checked)."""
+
+    @abc.abstractmethod
+    def config_write(self, offset: int, data: bytes) -> None:
+        """A configuration-space write (bounds already checked)."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Function reset (DEVICE_RESET)."""
+
+    def attach_client(self) -> None:  # noqa: B027 - optional hook
+        """A client connected: take what serving it needs (emulated functions need nothing).
+
+        Raising refuses the client: its connection is closed.
+        """
+
+    @abc.abstractmethod
+    def detach_client(self) -> None:
+        """The client went away: release everything it set up."""
+
+
+class PciDevice(PciFunction):
     """A PCI function as a device model sees it.
 
     ``bars`` maps BAR index to region; ``intx`` gives the function an INTA
@@ -193,6 +298,49 @@ class PciDevice:
         bar = self.bars.get(index)
         return bar.size if bar is not None else 0
 
+    def region_info(self, index: int) -> RegionInfo:
+        """Readable and writable when present; nothing is mmap-able (every access traps)."""
+        size = self.region_size(index)
+        flags = uapi.REGION_INFO_FLAG_READ | uapi.REGION_INFO_FLAG_WRITE if size else 0
+        return RegionInfo(size, flags)
+
+    def irq_info(self, index: int) -> IrqInfo:
+        """Eventfd-signalled and maskable; INTx automasked, MSI/MSI-X fixed in size."""
+        flags = uapi.IRQ_INFO_EVENTFD | uapi.IRQ_INFO_MASKABLE
+        if index == uapi.PciIrq.INTX:
+            flags |= uapi.IRQ_INFO_AUTOMASKED
+        else:
+            flags |= uapi.IRQ_INFO_NORESIZE
+        return IrqInfo(flags, len(self.irqs[index]))
+
+    def set_irqs(self, request: IrqSet) -> None:
+        """Assign eventfds to, mask, unmask or trigger the chosen interrupt vectors."""
+        vectors = self.irqs[request.index]
+        chosen = vectors[request.start : request.start + request.count]
+        action = request.action
+        if request.data_type == uapi.IRQ_SET_DATA_EVENTFD:
+            if action != uapi.IRQ_SET_ACTION_TRIGGER:
+                raise CommandError(errno.EINVAL, "SET_IRQS DATA_EVENTFD: only with ACTION_TRIGGER")
+            fds: list[int | None] = list(request.fds) or [None] * len(chosen)
+            request.fds = []
+            for vector, fd in zip(chosen, fds, strict=True):
+                vector.assign(fd)
+        elif request.data_type == uapi.IRQ_SET_DATA_BOOL:
+            _apply(action, [v for v, on in zip(chosen, request.bools, strict=True) if on])
+        elif action == uapi.IRQ_SET_ACTION_TRIGGER and request.count == 0:
+            for vector in vectors:
+                vector.release()
+        else:
+            _apply(action, chosen)
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        """From the synthesized configuration space."""
+        return self.config.read(offset, size)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Into the synthesized configuration space (writable bits only)."""
+        self.config.write(offset, data)
+
     def reset(self) -> None:
         """Function reset: config space to power-on values, then the device's callback."""
         self.config.reset()
@@ -211,3 +359,13 @@ class PciDevice:
         self.config.reset()
         if self.on_disconnect is not None:
             self.on_disconnect()
+
+
+def _apply(action: int, vectors: list[IrqVector]) -> None:
+    for vector in vectors:
+        if action == uapi.IRQ_SET_ACTION_MASK:
+            vector.mask()
+        elif action == uapi.IRQ_SET_ACTION_UNMASK:
+            vector.unmask()
+        else:
+            vector.trigger()

@@ -19,7 +19,7 @@ import os
 import socket
 
 from vsmmu.vfio_user import uapi
-from vsmmu.vfio_user.device import PciDevice
+from vsmmu.vfio_user.device import PciFunction
 from vsmmu.vfio_user.dma import DmaError
 from vsmmu.vfio_user.messages import Message, ProtocolError, VfioUserError
 from vsmmu.vfio_user.session import Session
@@ -49,7 +49,7 @@ class Connection:
     pauses until they are written.
     """
 
-    def __init__(self, device: PciDevice, sock: socket.socket) -> None:
+    def __init__(self, device: PciFunction, sock: socket.socket) -> None:
         self.device = device
         self.session = Session(device)
         self.channel = MessageChannel(sock, self.session.max_message_size)
@@ -87,7 +87,8 @@ class Connection:
                     continue
                 reply = handle(message)
                 if reply is not None:
-                    channel.send_nowait(reply)
+                    # A reply's fds are lent by the function (a region to mmap), never ours.
+                    channel.send_nowait(reply, reply.fds)
                     if channel.send_queued:
                         self._pause_reading()
                         return
@@ -177,9 +178,9 @@ class Connection:
 
 
 class VfioUserServer:
-    """Serves one :class:`PciDevice` on a unix socket path, one client at a time."""
+    """Serves one :class:`PciFunction` on a unix socket path, one client at a time."""
 
-    def __init__(self, device: PciDevice, path: str | os.PathLike[str]) -> None:
+    def __init__(self, device: PciFunction, path: str | os.PathLike[str]) -> None:
         self.device = device
         self.path = os.fspath(path)
         self.connection: Connection | None = None
@@ -213,6 +214,13 @@ class VfioUserServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(self._listener)
+            try:
+                self.device.attach_client()
+            except Exception:
+                logger.exception("vfio-user %s: the function cannot serve a client; closed",
+                                 self.path)
+                sock.close()
+                continue
             connection = Connection(self.device, sock)
             self.connection = connection
             self._disconnected.clear()

@@ -1,7 +1,7 @@
 """The vfio-user protocol layer: one request in, at most one reply out.
 
 :class:`Session` holds what one connection negotiated and turns each request
-into calls on a :class:`~vsmmu.vfio_user.device.PciDevice`.  It is
+into calls on a :class:`~vsmmu.vfio_user.device.PciFunction`.  It is
 synchronous and knows no sockets, so it is tested (and fuzzed) directly.
 Every refusal is a :class:`CommandError` turned into an error reply with its
 errno and one log line; a request flagged NO_REPLY is never answered, even
@@ -19,8 +19,14 @@ import struct
 from collections.abc import Callable
 
 from vsmmu.vfio_user import uapi
-from vsmmu.vfio_user.device import IrqVector, PciDevice
-from vsmmu.vfio_user.messages import CommandError, Message, error_reply_to, reply_to
+from vsmmu.vfio_user.device import IrqSet, PciFunction
+from vsmmu.vfio_user.messages import (
+    CommandError,
+    Message,
+    close_fds,
+    error_reply_to,
+    reply_to,
+)
 
 logger = logging.getLogger(__name__)
 trace = logging.getLogger(__name__ + ".trace")
@@ -61,7 +67,7 @@ def _no_fds(message: Message) -> None:
 class Session:
     """Protocol state of one client connection to one device."""
 
-    def __init__(self, device: PciDevice) -> None:
+    def __init__(self, device: PciFunction) -> None:
         self.device = device
         self.negotiated = False
         #: What the client told us in VERSION (its own defaults until then).
@@ -71,6 +77,8 @@ class Session:
         #: Requests seen, by command name, plus ``"posted"`` for NO_REPLY ones
         #: and ``"refused"`` for those answered (or dropped) with an error.
         self.stats: collections.Counter[str] = collections.Counter()
+        #: Descriptors the next reply carries (a region's mmap fd), owned by the function.
+        self._lent_fds: list[int] = []
 
     @property
     def max_message_size(self) -> int:
@@ -102,10 +110,17 @@ class Session:
         except Exception:
             return self._failed(message)
         message.close()
-        return None if message.no_reply else reply_to(message, payload)
+        if message.no_reply:
+            return None
+        reply = reply_to(message, payload)
+        if self._lent_fds:
+            # Lent by the function, which keeps them open: the reply only carries them.
+            reply.fds, self._lent_fds = self._lent_fds, []
+        return reply
 
     def _refused(self, message: Message, exc: CommandError) -> Message | None:
         self.stats["refused"] += 1
+        self._lent_fds = []
         message.close()
         logger.warning(
             "vfio-user %s refused (errno %d): %s", message.command_name, exc.errno, exc
@@ -113,6 +128,7 @@ class Session:
         return None if message.no_reply else error_reply_to(message, exc.errno)
 
     def _failed(self, message: Message) -> Message | None:
+        self._lent_fds = []
         message.close()
         logger.exception("vfio-user %s failed in the device", message.command_name)
         return None if message.no_reply else error_reply_to(message, errno.EIO)
@@ -272,9 +288,19 @@ class Session:
             raise CommandError(errno.EINVAL, f"GET_REGION_INFO argsz {argsz}: expected >= 32")
         if index >= uapi.PCI_NUM_REGIONS:
             raise CommandError(errno.EINVAL, f"GET_REGION_INFO index {index}: expected < 9")
-        size = self.device.region_size(index)
-        flags = uapi.REGION_INFO_FLAG_READ | uapi.REGION_INFO_FLAG_WRITE if size else 0
-        return uapi.REGION_INFO.pack(uapi.REGION_INFO.size, flags, index, 0, size, 0)
+        info = self.device.region_info(index)
+        flags, cap_offset, caps = info.flags, 0, info.caps
+        needed = uapi.REGION_INFO.size + len(caps)
+        if caps and argsz >= needed:
+            flags |= uapi.REGION_INFO_FLAG_CAPS
+            cap_offset = uapi.REGION_INFO.size
+        else:
+            # As VFIO does: argsz says how much the capabilities need, the client asks again.
+            caps = b""
+        if info.fd is not None:
+            self._lent_fds = [info.fd]
+        return uapi.REGION_INFO.pack(needed, flags, index, cap_offset, info.size,
+                                     info.offset) + caps
 
     def _get_irq_info(self, message: Message) -> bytes:
         _no_fds(message)
@@ -283,13 +309,8 @@ class Session:
             raise CommandError(errno.EINVAL, f"GET_IRQ_INFO argsz {argsz}: expected >= 16")
         if index >= uapi.PCI_NUM_IRQS:
             raise CommandError(errno.EINVAL, f"GET_IRQ_INFO index {index}: expected < 5")
-        flags = uapi.IRQ_INFO_EVENTFD | uapi.IRQ_INFO_MASKABLE
-        if index == uapi.PciIrq.INTX:
-            flags |= uapi.IRQ_INFO_AUTOMASKED
-        else:
-            flags |= uapi.IRQ_INFO_NORESIZE
-        count = len(self.device.irqs[index])
-        return uapi.IRQ_INFO.pack(uapi.IRQ_INFO.size, flags, index, count)
+        info = self.device.irq_info(index)
+        return uapi.IRQ_INFO.pack(uapi.IRQ_INFO.size, info.flags, index, info.count)
 
     # -- interrupts --------------------------------------------------------
 
@@ -306,51 +327,30 @@ class Session:
             )
         if index >= uapi.PCI_NUM_IRQS:
             raise CommandError(errno.EINVAL, f"SET_IRQS index {index}: expected < 5")
-        vectors = self.device.irqs[index]
-        if start + count > len(vectors):
+        vectors = self.device.irq_info(index).count
+        if start + count > vectors:
             raise CommandError(
                 errno.EINVAL,
-                f"SET_IRQS index {index} start {start} count {count}: only {len(vectors)} vectors",
+                f"SET_IRQS index {index} start {start} count {count}: only {vectors} vectors",
             )
-        if data_type != uapi.IRQ_SET_DATA_EVENTFD:
-            _no_fds(message)
-        chosen = vectors[start : start + count]
+        request = IrqSet(index, data_type, action, start, count)
         if data_type == uapi.IRQ_SET_DATA_EVENTFD:
-            self._assign_eventfds(message, action, chosen)
-        elif data_type == uapi.IRQ_SET_DATA_BOOL:
-            values = message.payload[uapi.IRQ_SET.size : uapi.IRQ_SET.size + count]
-            if len(values) != count:
-                raise CommandError(errno.EINVAL, f"SET_IRQS DATA_BOOL: {count} bytes expected")
-            self._apply(action, [v for v, on in zip(chosen, values, strict=True) if on])
-        elif action == uapi.IRQ_SET_ACTION_TRIGGER and count == 0:
-            for vector in vectors:
-                vector.release()
+            if message.fds and len(message.fds) != count:
+                raise CommandError(
+                    errno.EINVAL, f"SET_IRQS: {len(message.fds)} fds for {count} vectors"
+                )
+            request.fds = message.take_fds()
         else:
-            self._apply(action, chosen)
+            _no_fds(message)
+        if data_type == uapi.IRQ_SET_DATA_BOOL:
+            request.bools = message.payload[uapi.IRQ_SET.size : uapi.IRQ_SET.size + count]
+            if len(request.bools) != count:
+                raise CommandError(errno.EINVAL, f"SET_IRQS DATA_BOOL: {count} bytes expected")
+        try:
+            self.device.set_irqs(request)
+        finally:
+            close_fds(request.fds)
         return b""
-
-    @staticmethod
-    def _apply(action: int, vectors: list[IrqVector]) -> None:
-        for vector in vectors:
-            if action == uapi.IRQ_SET_ACTION_MASK:
-                vector.mask()
-            elif action == uapi.IRQ_SET_ACTION_UNMASK:
-                vector.unmask()
-            else:
-                vector.trigger()
-
-    @staticmethod
-    def _assign_eventfds(message: Message, action: int, vectors: list[IrqVector]) -> None:
-        if action != uapi.IRQ_SET_ACTION_TRIGGER:
-            raise CommandError(errno.EINVAL, "SET_IRQS DATA_EVENTFD: only with ACTION_TRIGGER")
-        if message.fds and len(message.fds) != len(vectors):
-            raise CommandError(
-                errno.EINVAL,
-                f"SET_IRQS: {len(message.fds)} fds for {len(vectors)} vectors",
-            )
-        fds: list[int | None] = list(message.take_fds()) or [None] * len(vectors)
-        for vector, fd in zip(vectors, fds, strict=True):
-            vector.assign(fd)
 
     # -- regions -----------------------------------------------------------
 
@@ -378,7 +378,7 @@ class Session:
 
     def _read(self, region: int, offset: int, count: int) -> bytes:
         if region == uapi.PciRegion.CONFIG:
-            data = self.device.config.read(offset, count)
+            data = self.device.config_read(offset, count)
         else:
             value = self.device.bars[region].read(offset, count)
             data = value.to_bytes(count, "little") if isinstance(value, int) else bytes(value)
@@ -394,7 +394,7 @@ class Session:
         if trace.isEnabledFor(logging.DEBUG):
             trace.debug("region %d write %#x/%d <- %s", region, offset, len(data), data.hex())
         if region == uapi.PciRegion.CONFIG:
-            self.device.config.write(offset, data)
+            self.device.config_write(offset, data)
         else:
             self.device.bars[region].write(offset, data)
 
