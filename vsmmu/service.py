@@ -50,7 +50,8 @@ from vsmmu.arch.registers import (
 )
 from vsmmu.arch.ste import STE_SIZE
 from vsmmu.diagnostics import Diagnostics
-from vsmmu.endpoints.base import Endpoint, EndpointDmaError, make_endpoint
+from vsmmu.endpoints.base import Endpoint, EndpointDmaError, EndpointError, make_endpoint
+from vsmmu.endpoints.passthrough import VfioPassthrough
 from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError
 from vsmmu.iommufd.sim import HostPersonality, SimIommufd
 from vsmmu.nesting import (
@@ -268,8 +269,15 @@ class Service:
                                        trace=config.trace)
         self.translator = translator
         self._build_smmu_function(translator)
-        for sid, endpoint in [*self._make_endpoints(), *self._extra_endpoints]:
-            self._add_endpoint(sid, endpoint)
+        try:
+            for sid, endpoint in [*self._make_endpoints(), *self._extra_endpoints]:
+                self._add_endpoint(sid, endpoint)
+        except ServiceError:
+            await self.stop()
+            raise
+        except EndpointError as exc:
+            await self.stop()
+            raise ServiceError(str(exc)) from None
         assert self.smmu is not None
         self.diagnostics = Diagnostics(self.smmu, translator, self.endpoints, self.emit, loop)
         self.diagnostics.set_sanitize(config.sanitize)
@@ -371,12 +379,24 @@ class Service:
         if sid in self.endpoints:
             raise ServiceError(f"endpoint {endpoint.name}: StreamID {sid:#x} is taken by "
                                f"{self.endpoints[sid].name}")
-        if not isinstance(self.backend, SimIommufd):
-            raise ServiceError(f"endpoint {endpoint.name}: emulated endpoints need the sim "
-                               "backend (their DMA is translated by it)")
-        dev_id = self.backend.create_mock_device(sid, name=endpoint.name)
-        self.translator.add_endpoint(sid, dev_id, endpoint.name)
-        endpoint.bind_dma(StreamDmaPort(self.translator, sid))
+        translator = self.translator
+        if isinstance(endpoint, VfioPassthrough):
+            # The host device does its own DMA through the host SMMU: no DMA port.
+            try:
+                dev_id = endpoint.bind(
+                    self.backend,
+                    on_bound=lambda dev: translator.add_endpoint(sid, dev, endpoint.name),
+                    on_unbinding=lambda _dev: translator.remove_endpoint(sid))
+            except EndpointError as exc:
+                raise ServiceError(str(exc)) from None
+            translator.add_endpoint(sid, dev_id, endpoint.name)
+        else:
+            if not isinstance(self.backend, SimIommufd):
+                raise ServiceError(f"endpoint {endpoint.name}: emulated endpoints need the sim "
+                                   "backend (their DMA is translated by it)")
+            dev_id = self.backend.create_mock_device(sid, name=endpoint.name)
+            translator.add_endpoint(sid, dev_id, endpoint.name)
+            endpoint.bind_dma(StreamDmaPort(translator, sid))
         self.endpoints[sid] = endpoint
         self.servers[endpoint.name] = VfioUserServer(endpoint.pci,
                                                      self.endpoint_socket(endpoint.name))

@@ -18,7 +18,7 @@ import abc
 import logging
 from typing import Protocol
 
-from vsmmu.vfio_user import PciDevice
+from vsmmu.vfio_user import PciFunction
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Endpoint(abc.ABC):
     #: Name used in logs and over QMP, e.g. ``"virtio-rng0"``.
     name: str
     #: The PCI function one :class:`~vsmmu.vfio_user.VfioUserServer` serves.
-    pci: PciDevice
+    pci: PciFunction
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -186,14 +186,16 @@ def make_endpoint(spec: str) -> Endpoint:
     Kinds: ``virtio-rng`` (options ``seed``, ``ats``, ``name``; see
     :func:`vsmmu.endpoints.virtio_rng.VirtioRng.from_options`),
     ``virtio-blk`` (``file``, ``readonly``, ``serial``, ``ats``, ``name``; see
-    :func:`vsmmu.endpoints.virtio_blk.VirtioBlk.from_options`) and
+    :func:`vsmmu.endpoints.virtio_blk.VirtioBlk.from_options`),
     ``iommu-testdev`` (option ``name``; see
-    :mod:`vsmmu.endpoints.iommu_testdev`).
+    :mod:`vsmmu.endpoints.iommu_testdev`) and ``vfio=PATH`` (a VFIO cdev passed
+    through, option ``name``; see :mod:`vsmmu.endpoints.passthrough`).
 
     :raises EndpointSpecError: unknown kind or option, or a bad value.
     """
     # Imported here: the concrete endpoints import this module.
     from vsmmu.endpoints.iommu_testdev import IommuTestdev
+    from vsmmu.endpoints.passthrough import VfioPassthrough
     from vsmmu.endpoints.virtio_blk import VirtioBlk
     from vsmmu.endpoints.virtio_rng import VirtioRng
 
@@ -201,6 +203,9 @@ def make_endpoint(spec: str) -> Endpoint:
              VirtioBlk.KIND: VirtioBlk.from_options,
              IommuTestdev.KIND: IommuTestdev.from_options}
     kind, options = parse_spec(spec)
+    passthrough, sep, path = kind.partition("=")
+    if sep and passthrough == VfioPassthrough.KIND:
+        return VfioPassthrough.from_options(spec, path, options)
     factory = kinds.get(kind)
     if factory is None:
         raise EndpointSpecError(

@@ -96,6 +96,9 @@ def ats_capability() -> PciCapability:
 class VirtioPciEndpoint(Endpoint):
     """The transport: PCI function, common config, ISR, notify, device status, queues."""
 
+    #: An emulated function: its INTx line and config space are ours to drive.
+    pci: PciDevice
+
     def __init__(
         self,
         name: str,

@@ -104,6 +104,11 @@ class KernelIommufd(IommufdBackend):
 
     # --- the one ioctl path ---
 
+    @property
+    def ioctl_function(self) -> IoctlFn:
+        """The ioctl function this backend issues every request with (devices' too)."""
+        return self._ioctl_fn or ioctl
+
     def _call(self, fd: int, request: uapi.Ioctl, arg: uapi.UapiStruct, op: str) -> None:
         """Issue ``request`` with ``arg`` (mutated in place); OSError → IommufdError."""
         try:
@@ -156,6 +161,13 @@ class KernelIommufd(IommufdBackend):
         dev_id = int(bind.out_devid)
         self._cdev_fds[dev_id] = cdev
         return self._track(TrackedObject(dev_id, ObjType.DEVICE, detail={"cdev": path}))
+
+    def cdev_fd(self, dev_id: int) -> int:
+        """The open VFIO cdev of a device bound here (owned by this backend; don't close it).
+
+        Raises IommufdError (ENOENT) for a dev_id this backend did not bind.
+        """
+        return self._cdev(dev_id, "CDEV")
 
     def unbind_vfio_cdev(self, dev_id: int) -> None:
         """Close the device's cdev, which unbinds it from the iommufd."""

@@ -214,6 +214,27 @@ class NestingTranslator:
             self._follow_gbpa(stream, self._gbpa_abort())
         return stream
 
+    def remove_endpoint(self, sid: int) -> None:
+        """Forget the endpoint at ``sid`` (its device is about to be unbound).
+
+        The device is detached and its vDEVICE destroyed, so nothing the
+        translator holds refers to it any more; no-op for an unknown ``sid``.
+        """
+        stream = self._streams.pop(sid, None)
+        if stream is None:
+            return
+        self._detach(stream)
+        if stream.vdev_id is not None:
+            try:
+                self.backend.destroy(stream.vdev_id)
+            except IommufdError as exc:
+                logger.error("SID %#x (%s): vDEVICE %d not destroyed: %s", sid, stream.name,
+                             stream.vdev_id, exc)
+            if self._guest is not None and stream.vdev_id in self._guest.vdevices:
+                self._guest.vdevices.remove(stream.vdev_id)
+            stream.vdev_id = None
+        logger.info("SID %#x (%s): endpoint removed", sid, stream.name)
+
     def streams(self) -> list[Stream]:
         """The endpoint streams, by StreamID."""
         return [self._streams[sid] for sid in sorted(self._streams)]

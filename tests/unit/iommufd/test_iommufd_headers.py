@@ -9,22 +9,26 @@ from pathlib import Path
 
 from guest_images.cache import default_cache
 from guest_images.debian import DebianArchive
-from vsmmu.iommufd import uapi
+from vsmmu.iommufd import uapi, uapi_vfio
+
+UAPI_MODULES = (uapi, uapi_vfio)
+"""Each declares ALL_STRUCTS, ALL_ENUMS, C_FIELD_NAMES and c_name(); both are checked."""
 
 
 def expected_lines() -> list[str]:
     """Our view: one ``kind name value`` line per size, offset, enum value and ioctl."""
     lines: list[str] = []
-    for struct in uapi.ALL_STRUCTS:
-        lines.append(f"sizeof {struct.C_NAME} {ctypes.sizeof(struct)}")
-        for fname, *_ in struct._fields_:
-            cname = uapi.C_FIELD_NAMES.get(fname, fname)
-            offset = getattr(struct, fname).offset
-            lines.append(f"offsetof {struct.C_NAME}.{cname} {offset}")
-    for enum_type in uapi.ALL_ENUMS:
-        for member in enum_type.__members__.values():
-            assert isinstance(member, enum.IntEnum | enum.IntFlag)
-            lines.append(f"value {uapi.c_name(member)} {int(member)}")
+    for module in UAPI_MODULES:
+        for struct in module.ALL_STRUCTS:
+            lines.append(f"sizeof {struct.C_NAME} {ctypes.sizeof(struct)}")
+            for fname, *_ in struct._fields_:
+                cname = module.C_FIELD_NAMES.get(fname, fname)
+                offset = getattr(struct, fname).offset
+                lines.append(f"offsetof {struct.C_NAME}.{cname} {offset}")
+        for enum_type in module.ALL_ENUMS:
+            for member in enum_type.__members__.values():
+                assert isinstance(member, enum.IntEnum | enum.IntFlag)
+                lines.append(f"value {module.c_name(member)} {int(member)}")
     return lines
 
 
@@ -61,10 +65,11 @@ def linux_libc_dev_include() -> Path:
 def test_c_program_covers_every_struct_field_and_enum() -> None:
     """The generated program mentions every declared structure and constant."""
     src = c_source()
-    for struct in uapi.ALL_STRUCTS:
+    for struct in (*uapi.ALL_STRUCTS, *uapi_vfio.ALL_STRUCTS):
         assert f"struct {struct.C_NAME}" in src
     assert "IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3" in src
     assert "VFIO_DEVICE_DETACH_IOMMUFD_PT" in src
+    assert "VFIO_DEVICE_SET_IRQS" in src and "VFIO_PCI_CONFIG_REGION_INDEX" in src
 
 
 def test_headers_match_kernel(tmp_path: Path) -> None:
