@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Protocol
 
 from vsmmu.arch.commands import COMMAND_SIZE, CmdOpcode, SyncCs, encode_cfgi_all, encode_command
 from vsmmu.arch.events import EVENT_SIZE, Event, decode_event
@@ -40,8 +41,7 @@ from vsmmu.arch.registers import (
     Ttf,
 )
 from vsmmu.arch.ste import L1_STD_SIZE, STE_SIZE, L1Std, Ste, strtab_split_index
-from vsmmu.smmu.device import SmmuV3
-from vsmmu.smmu.interfaces import GuestRam, SmmuError
+from vsmmu.smmu.interfaces import SmmuError
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,40 @@ class GuestLayout:
     evtq_log2: int = 7
 
 
-class GuestDriver:
-    """Drives an :class:`SmmuV3` through MMIO like Linux's arm-smmu-v3 would."""
+class RegisterPort(Protocol):
+    """The SMMU as the driver reaches it: register reads and writes by offset (MMIO).
 
-    def __init__(self, smmu: SmmuV3, ram: GuestRam, layout: GuestLayout | None = None) -> None:
+    :class:`SmmuV3` itself, or an adaptor to a vSMMU served elsewhere (vfio-user).
+    """
+
+    def read(self, offset: int, size: int) -> int:
+        """Read ``size`` bytes at register ``offset``."""
+        ...
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Write ``size`` bytes at register ``offset``."""
+        ...
+
+
+class DriverRam(Protocol):
+    """Guest RAM as the driver uses it: its base and accesses by guest-physical address."""
+
+    base: int
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """``size`` bytes at ``gpa``."""
+        ...
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Store ``data`` at ``gpa``."""
+        ...
+
+
+class GuestDriver:
+    """Drives an SMMU through MMIO like Linux's arm-smmu-v3 would."""
+
+    def __init__(self, smmu: RegisterPort, ram: DriverRam,
+                 layout: GuestLayout | None = None) -> None:
         self.smmu = smmu
         self.ram = ram
         self.layout = layout if layout is not None else GuestLayout()
