@@ -289,7 +289,7 @@ def test_bind_refuses_with_a_clear_error(device_file: Path,
     backend, mock = kernel
     binding = Binding()
     missing = VfioPassthrough("/dev/vfio/devices/vfio99")
-    with pytest.raises(EndpointError, match="vfio99.*cannot bind.*ENOENT"):
+    with pytest.raises(EndpointError, match=r"vfio99.*cannot bind.*ENOENT"):
         missing.bind(backend, on_bound=binding.bound, on_unbinding=binding.unbinding)
     with pytest.raises(EndpointError, match="needs --backend kernel"):
         VfioPassthrough(str(device_file)).bind(SimIommufd(), on_bound=binding.bound,
