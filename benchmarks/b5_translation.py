@@ -29,8 +29,7 @@ from vsmmu.arch.pagetables import DESC, Ap
 from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import HostMapping
-from vsmmu.iommufd.sim import SimIommufd
-from vsmmu.iommufd.walk import DmaFault
+from vsmmu.iommufd.sim import DmaFault, SimIommufd
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from vsmmu.endpoints.base import Endpoint
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import ObjType
 from vsmmu.iommufd.faults import BackendOp, FaultInjectingBackend
-from vsmmu.iommufd.walk import FORWARDED_EVENTS
+from vsmmu.iommufd.sim.physical_smmu import FORWARDED_EVENTS
 from vsmmu.nesting import NestingTranslator
 from vsmmu.qmp import Arg, Arguments, QmpCommandError, QmpMonitor
 from vsmmu.sanitizer import GuestError, SanitizedDmaPort, Sanitizer

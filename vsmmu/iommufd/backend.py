@@ -149,6 +149,15 @@ InvalidationCommand = tuple[int, int]
 """One raw 16-byte SMMUv3 command as two 64-bit words."""
 
 
+def check_invalidation_words(entries: Sequence[InvalidationCommand], op: str) -> None:
+    """EINVAL (nothing handled) unless every word of ``entries`` is a 64-bit unsigned value."""
+    u64_max = uapi.U64_MAX
+    for index, (w0, w1) in enumerate(entries):
+        if not (0 <= w0 <= u64_max and 0 <= w1 <= u64_max):
+            raise IommufdError(errno.EINVAL, op,
+                               f"entry {index} ({w0:#x}, {w1:#x}): words must be unsigned 64-bit")
+
+
 class IommufdBackend(abc.ABC):
     """What the translator needs from iommufd; see the module docstring.
 

@@ -40,6 +40,7 @@ from vsmmu.iommufd.backend import (
     ObjType,
     VeventqHandle,
     Vste,
+    check_invalidation_words,
 )
 
 log = logging.getLogger(__name__)
@@ -372,6 +373,7 @@ class KernelIommufd(IommufdBackend):
     ) -> int:
         """``IOMMU_HWPT_INVALIDATE``; on failure ``handled`` is the kernel's ``entry_num``."""
         op = "HWPT_INVALIDATE"
+        check_invalidation_words(entries, op)
         array = (ctypes.c_char * max(1, entry_len * len(entries)))()
         for index, (w0, w1) in enumerate(entries):
             raw = uapi.IommuViommuArmSmmuv3Invalidate()

@@ -15,7 +15,8 @@ import dataclasses
 from vsmmu.arch.events import EventClass
 from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.iommufd.sim import SimDevice, SimHwptNested, SimIommufd
-from vsmmu.iommufd.walk import TLB_PAGE_MASK, TLB_PAGE_SHIFT, _Fault
+from vsmmu.iommufd.sim.iotlb import TLB_PAGE_MASK, TLB_PAGE_SHIFT
+from vsmmu.iommufd.sim.physical_smmu import _Fault
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,9 @@ def stale_cache(sim: SimIommufd, dev_id: int, iova: int) -> StaleCache | None:
         return None
     hwpt = dev.hwpt
     ste0 = hwpt.ste[0]
-    if hwpt.viommu is None or not STE.V.test(ste0) or STE.CONFIG.get(ste0) != SteConfig.S1_TRANS:
+    if not STE.V.test(ste0) or STE.CONFIG.get(ste0) != SteConfig.S1_TRANS:
         return None
     viommu = hwpt.viommu
-    if viommu.parent is None or viommu.parent.ioas is None:
-        return None
     ioas = viommu.parent.ioas
     phys = sim.smmu
     cd = phys.cd_cache.get(dev.stream_id)

@@ -20,6 +20,8 @@ import ctypes
 import enum
 from typing import Final, TypeVar
 
+from vsmmu.arch.ste import STE
+
 # --- ioctl number encoding (asm-generic/ioctl.h; _IO has no size or direction) ---
 
 IOC_NRBITS: Final = 8
@@ -506,6 +508,14 @@ VEVENT_HEADER_SIZE: Final = ctypes.sizeof(IommufdVeventHeader)
 VEVENT_ARM_SMMUV3_SIZE: Final = ctypes.sizeof(IommuVeventArmSmmuv3)
 ARM_INVALIDATE_ENTRY_SIZE: Final = ctypes.sizeof(IommuViommuArmSmmuv3Invalidate)
 VSTE_SIZE: Final = ctypes.sizeof(IommuHwptArmSmmuv3)
+VSTE_WORD0_ALLOWED: Final = (STE.V.inplace_mask | STE.CONFIG.inplace_mask
+                             | STE.S1FMT.inplace_mask | STE.S1CONTEXTPTR.inplace_mask
+                             | STE.S1CDMAX.inplace_mask)
+"""vSTE word 0 fields a guest may set (arm-smmu-v3.h STRTAB_STE_0_NESTING_ALLOWED)."""
+VSTE_WORD1_ALLOWED: Final = (STE.S1DSS.inplace_mask | STE.S1CIR.inplace_mask
+                             | STE.S1COR.inplace_mask | STE.S1CSH.inplace_mask
+                             | STE.S1STALLD.inplace_mask | STE.EATS.inplace_mask)
+"""vSTE word 1 fields a guest may set (arm-smmu-v3.h STRTAB_STE_1_NESTING_ALLOWED)."""
 VEVENTQ_SEQUENCE_MASK: Final = 0x7FFF_FFFF
 """The vEVENTQ sequence counts modulo INT_MAX + 1 (it wraps to 0 after INT_MAX)."""
 U64_MAX: Final = (1 << 64) - 1

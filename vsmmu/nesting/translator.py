@@ -61,8 +61,7 @@ from vsmmu.arch.events import EVENT_SIZE, Event, EventId, decode_event, encode_e
 from vsmmu.arch.registers import QUEUE_BASE
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError, VeventqHandle
-from vsmmu.iommufd.sim import SimIommufd
-from vsmmu.iommufd.walk import DmaFault
+from vsmmu.iommufd.sim import DmaFault, SimIommufd
 from vsmmu.nesting.policy import CBadStePolicy
 from vsmmu.nesting.vste import ABORT_VSTE, BYPASS_VSTE, INVALID_VSTE, VsteWords, vste_for
 from vsmmu.smmu import GbpaState, QueuedCommand, SmmuV3, SteLookup, SteStatus, StreamTableConfig

@@ -31,18 +31,10 @@ import logging
 from typing import NamedTuple
 
 from vsmmu.arch.ste import STE, SteConfig
+from vsmmu.iommufd import uapi
 from vsmmu.smmu import SteLookup, SteStatus
 
 logger = logging.getLogger(__name__)
-
-VSTE_WORD0_ALLOWED = (STE.V.inplace_mask | STE.CONFIG.inplace_mask | STE.S1FMT.inplace_mask
-                      | STE.S1CONTEXTPTR.inplace_mask | STE.S1CDMAX.inplace_mask)
-"""STE word 0 fields a nested vSTE may carry (the kernel's STRTAB_STE_0_NESTING_ALLOWED)."""
-VSTE_WORD1_ALLOWED = (STE.S1DSS.inplace_mask | STE.S1CIR.inplace_mask | STE.S1COR.inplace_mask
-                      | STE.S1CSH.inplace_mask | STE.S1STALLD.inplace_mask
-                      | STE.EATS.inplace_mask)
-"""STE word 1 fields a nested vSTE may carry (the kernel's STRTAB_STE_1_NESTING_ALLOWED)."""
-
 
 class VsteWords(NamedTuple):
     """The two words of a vSTE; hashable, so identical vSTEs share one nested HWPT."""
@@ -88,8 +80,8 @@ def vste_for(lookup: SteLookup, *, substreams: bool = True, ats: bool = True) ->
             return ABORT_VSTE
         if config == _CONFIG_BYPASS:
             return BYPASS_VSTE
-        word0 &= VSTE_WORD0_ALLOWED
-        word1 = words[1] & VSTE_WORD1_ALLOWED
+        word0 &= uapi.VSTE_WORD0_ALLOWED
+        word1 = words[1] & uapi.VSTE_WORD1_ALLOWED
         if not substreams:
             word0 &= ~_SUBSTREAM_WORD0
             word1 &= ~_SUBSTREAM_WORD1

@@ -11,7 +11,6 @@ including refused commands, whose index must come back as ``handled``.
 from __future__ import annotations
 
 import errno
-import struct
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,8 +18,14 @@ from hypothesis import strategies as st
 from vsmmu.arch.commands import CMD, CmdOpcode
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import HostMapping, IommufdError
-from vsmmu.iommufd.sim import SimIommufd, SimViommu
-from vsmmu.iommufd.walk import ALLOWED_INVALIDATIONS, TLB_PAGE_SHIFT, PhysicalSmmu, TlbEntry
+from vsmmu.iommufd.sim import (
+    ALLOWED_INVALIDATIONS,
+    TLB_PAGE_SHIFT,
+    PhysicalSmmu,
+    SimIommufd,
+    SimViommu,
+    TlbEntry,
+)
 
 RAM_IPA = 0x4000_0000
 RAM_SIZE = 1 << 16
@@ -81,6 +86,17 @@ def fill_tlb(smmu: PhysicalSmmu, vmid: int, entries: list[tuple[int, int, int, i
                                  bool(writable))
 
 
+def tlbi_range(w0: int, w1: int) -> tuple[int, int]:
+    """[start, end) of TLBI_NH_VA/VAA by IHI 0070 §4.4.1: TG=0 is the one address; else
+    (NUM + 1) * 2**SCALE granules of 4K/16K/64K (TG 1/2/3) from the address."""
+    address = CMD.VA.get(w1)
+    granule_shift = {0: None, 1: 12, 2: 14, 3: 16}[CMD.TG.get(w1)]
+    if granule_shift is None:
+        return address, address + 1
+    granules = (CMD.NUM.get(w0) + 1) * 2 ** CMD.SCALE.get(w0)
+    return address, address + granules * 2 ** granule_shift
+
+
 def reference(tlb: dict[tuple[int, int, int], TlbEntry], vmid: int,
               batch: list[tuple[int, int]]) -> tuple[set[tuple[int, int, int]], int, int]:
     """(surviving keys, handled, errno or 0) by the rules, one command at a time."""
@@ -99,7 +115,7 @@ def reference(tlb: dict[tuple[int, int, int], TlbEntry], vmid: int,
         elif opcode == CmdOpcode.TLBI_NH_ASID:
             live = {k: e for k, e in live.items() if k[0] != vmid or k[1] != asid}
         else:
-            start, end = PhysicalSmmu._tlbi_range(w0, w1)
+            start, end = tlbi_range(w0, w1)
             any_asid = opcode == CmdOpcode.TLBI_NH_VAA
             live = {k: e for k, e in live.items()
                     if not (k[0] == vmid and (any_asid or k[1] == asid)
@@ -127,14 +143,24 @@ def test_invalidate_batch_equals_the_rules(cached: list[tuple[int, int, int, int
     assert set(sim.smmu.tlb) == expected_keys
 
 
-def test_out_of_range_words_are_refused_as_before() -> None:
-    sim, viommu_id, _ = nested_sim()
-    for bad in ((-1, 0), (0, 1 << 64)):
-        try:
-            sim.hwpt_invalidate(viommu_id, [bad])
-        except struct.error:
-            continue
+@given(bad=st.sampled_from([(-1, 0), (0, 1 << 64), (1 << 70, 1), (0, -5)]),
+       index=st.integers(0, 2), padded=st.booleans())
+def test_out_of_range_words_are_einval_before_any_entry(bad: tuple[int, int], index: int,
+                                                        padded: bool) -> None:
+    """A word that no le64 can hold never reaches the array: EINVAL, nothing handled."""
+    sim, viommu_id, viommu = nested_sim()
+    fill_tlb(sim.smmu, viommu.vmid, [(0, ASIDS[0], 1, 0, 1)])
+    nsnh_all = (CMD.OPCODE.place(CmdOpcode.TLBI_NSNH_ALL), 0)
+    batch = [nsnh_all] * 3
+    batch[index] = bad
+    entry_len = PADDED_ENTRY_LEN if padded else uapi.ARM_INVALIDATE_ENTRY_SIZE
+    try:
+        sim.hwpt_invalidate(viommu_id, batch, entry_len=entry_len)
+    except IommufdError as exc:
+        assert (exc.errno, exc.handled) == (errno.EINVAL, 0)
+    else:
         raise AssertionError(f"entry {bad} accepted")
+    assert len(sim.smmu.tlb) == 1  # not even the entries before the bad one took effect
 
 
 def test_header_errors_precede_entries() -> None:

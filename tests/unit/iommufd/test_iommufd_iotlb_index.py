@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vsmmu.iommufd.walk import TLB_PAGE_SHIFT, TLB_PAGE_SIZE, Iotlb, TlbEntry
+from vsmmu.iommufd.sim import TLB_PAGE_SHIFT, TLB_PAGE_SIZE, Iotlb, TlbEntry
 
 _VIEW = memoryview(bytearray(TLB_PAGE_SIZE))
 VMIDS = [1, 2]

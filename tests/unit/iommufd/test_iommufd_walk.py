@@ -15,8 +15,7 @@ from vsmmu.arch.pagetables import DESC, Ap
 from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import HostMapping
-from vsmmu.iommufd.sim import SimIommufd
-from vsmmu.iommufd.walk import DmaFault
+from vsmmu.iommufd.sim import DmaFault, SimIommufd
 
 RAM_IPA = 0x4000_0000
 RAM_SIZE = 8 << 20

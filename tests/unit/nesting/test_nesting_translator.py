@@ -19,8 +19,8 @@ from vsmmu.arch.events import Event, EventId
 from vsmmu.arch.registers import GBPA, GERROR, Reg
 from vsmmu.arch.ste import Eats
 from vsmmu.iommufd.backend import HostMapping, IommufdError, ObjType
-from vsmmu.iommufd.sim import HostPersonality, SimIommufd
-from vsmmu.iommufd.walk import DmaFault
+from vsmmu.iommufd.sim import DmaFault, HostPersonality, SimIommufd
+from vsmmu.iommufd.uapi import VSTE_WORD0_ALLOWED, VSTE_WORD1_ALLOWED
 from vsmmu.nesting import (
     ABORT_VSTE,
     BYPASS_VSTE,
@@ -32,7 +32,6 @@ from vsmmu.nesting import (
     VsteWords,
     vste_for,
 )
-from vsmmu.nesting.vste import VSTE_WORD0_ALLOWED, VSTE_WORD1_ALLOWED
 from vsmmu.smmu import GuestRam, SmmuFeatures, SmmuV3
 from vsmmu.smmu.guest_driver import GuestDriver, GuestLayout
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from vsmmu.arch.fields import DWORD_MASK, Field
 from vsmmu.arch.registers import StrtabFmt
 from vsmmu.arch.ste import STE, STE_SIZE, Ste, SteConfig, ste_dwords
+from vsmmu.iommufd.uapi import VSTE_WORD0_ALLOWED, VSTE_WORD1_ALLOWED
 from vsmmu.nesting import ABORT_VSTE, BYPASS_VSTE, INVALID_VSTE, VsteWords, vste_for
-from vsmmu.nesting.vste import VSTE_WORD0_ALLOWED, VSTE_WORD1_ALLOWED
 from vsmmu.smmu import GuestRam, SmmuFeatures, SteLookup, SteStatus, StreamTableConfig
 from vsmmu.smmu.streamtable import lookup_ste
 

@@ -1,7 +1,9 @@
 """The simulated physical SMMU: nested DMA translation, IOTLB, fault events.
 
 :class:`PhysicalSmmu` belongs to a :class:`vsmmu.iommufd.sim.SimIommufd` and
-translates the DMA of its mock devices through each device's attached HWPT:
+translates the DMA of its mock devices through each device's attached HWPT
+(it reports the events it forwards through the callable it is given, so it
+knows nothing of the backend that owns it):
 
 * not attached: blocked (``DmaFault``, no event);
 * ``HWPT_PAGING``: stage 2 only, the IOAS mappings;
@@ -15,8 +17,8 @@ translates the DMA of its mock devices through each device's attached HWPT:
   and page descriptors, AF and AP[2:1].  Every table and CD address is an IPA
   translated through stage 2 (the IOAS).
 
-IOTLB: entries are tagged (VMID, ASID, VA 4K page) and hold the final host
-location of that page, as a combined S1+S2 TLB does.  A changed guest table
+IOTLB (:mod:`.iotlb`): entries are tagged (VMID, ASID, VA 4K page) and hold
+the final host location of that page, as a combined S1+S2 TLB does.  A changed guest table
 is therefore *not* seen until the guest invalidates: TLBI_NH_VA/VAA (with
 range), NH_ASID, NH_ALL and NSNH_ALL (through ``HWPT_INVALIDATE``) remove
 entries; CFGI_CD/CFGI_CD_ALL drop the cached CD; an IOAS map/unmap flushes
@@ -45,9 +47,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vsmmu.arch.cd import (
     CD,
@@ -59,7 +60,7 @@ from vsmmu.arch.cd import (
     TG0_PAGE_SHIFT,
     TG1_PAGE_SHIFT,
 )
-from vsmmu.arch.commands import CMD, CmdOpcode, TlbiTg
+from vsmmu.arch.commands import CMD, CmdOpcode, tlbi_range_bytes
 from vsmmu.arch.events import EVT, Event, EventClass, EventId, decode_event, encode_event
 from vsmmu.arch.pagetables import (
     DESC,
@@ -75,21 +76,23 @@ from vsmmu.arch.pagetables import (
 from vsmmu.arch.registers import OAS_BITS
 from vsmmu.arch.ste import STE, S1Fmt, SteConfig
 from vsmmu.iommufd.backend import IommufdError
+from vsmmu.iommufd.sim.iotlb import (
+    TLB_CAPACITY,
+    TLB_PAGE_MASK,
+    TLB_PAGE_SHIFT,
+    TLB_PAGE_SIZE,
+    Iotlb,
+    TlbEntry,
+)
+from vsmmu.iommufd.sim.objects import SimDevice, SimHwptNested, SimHwptPaging, SimIoas, SimViommu
 from vsmmu.iommufd.uapi import IoasMapFlags
-
-if TYPE_CHECKING:
-    from vsmmu.iommufd.sim import SimDevice, SimIoas, SimIommufd, SimViommu
 
 log = logging.getLogger(__name__)
 
 VA_BITS = 64
-TLB_PAGE_SHIFT = 12
-TLB_PAGE_SIZE = 1 << TLB_PAGE_SHIFT
-TLB_PAGE_MASK = TLB_PAGE_SIZE - 1
-TLB_CAPACITY = 8192
-TLBI_TG_SHIFT: dict[int, int] = {
-    TlbiTg.GRANULE_4K: 12, TlbiTg.GRANULE_16K: 14, TlbiTg.GRANULE_64K: 16
-}
+
+EventReporter = Callable[[SimViommu, bytes], bool]
+"""Delivers one event record to a vIOMMU's vEVENTQ; False when it has none."""
 
 # Events the host driver forwards to a vEVENTQ (arm_smmu_handle_evt, nested masters).
 FORWARDED_EVENTS = frozenset(
@@ -139,126 +142,6 @@ class DmaFault(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class TlbEntry:
-    """One IOTLB entry: a 4K page of a stage-1 leaf, resolved to host memory."""
-
-    leaf_base: int
-    leaf_size: int
-    view: memoryview
-    offset: int
-    writable: bool
-
-
-TlbKey = tuple[int, int, int]
-"""An IOTLB tag: (VMID, ASID, 4K VA page number)."""
-
-
-class Iotlb(dict[TlbKey, TlbEntry]):
-    """The IOTLB: :data:`TlbKey` -> :class:`TlbEntry`, in insertion order (oldest first).
-
-    A plain dict for lookups, plus an index of its entries by stage-1 leaf
-    ``(VMID, leaf size, leaf base)`` kept up to date by every insert and
-    removal, so a TLBI by address finds its victims without scanning the
-    whole table.  Only ``[]=``, ``del``, :meth:`pop` and :meth:`clear` may
-    change it (the other dict mutators are refused).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._leaves: dict[tuple[int, int, int], set[TlbKey]] = {}
-        self._sizes: dict[int, int] = {}  # leaf size -> entries of that size (aligned leaves)
-        self._unaligned: set[TlbKey] = set()  # leaves not aligned to their size: scanned
-
-    def __setitem__(self, key: TlbKey, entry: TlbEntry) -> None:
-        old = self.get(key)
-        if old is not None:
-            self._unindex(key, old)
-        super().__setitem__(key, entry)
-        size, base = entry.leaf_size, entry.leaf_base
-        if size <= 0 or base % size:
-            self._unaligned.add(key)
-            return
-        self._leaves.setdefault((key[0], size, base), set()).add(key)
-        self._sizes[size] = self._sizes.get(size, 0) + 1
-
-    def __delitem__(self, key: TlbKey) -> None:
-        entry = self[key]
-        super().__delitem__(key)
-        self._unindex(key, entry)
-
-    def pop(self, key: TlbKey, *default: TlbEntry) -> TlbEntry:  # type: ignore[override]
-        """Remove ``key`` and return its entry (or ``default``); KeyError without one."""
-        entry = self.get(key)
-        if entry is None:
-            if default:
-                return default[0]
-            raise KeyError(key)
-        del self[key]
-        return entry
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        super().clear()
-        self._leaves.clear()
-        self._sizes.clear()
-        self._unaligned.clear()
-
-    def _refuse(self, *args: object, **kwargs: object) -> None:
-        raise TypeError("Iotlb: only []=, del, pop and clear keep the leaf index right")
-
-    update = setdefault = popitem = __ior__ = _refuse  # type: ignore[assignment]
-
-    def _unindex(self, key: TlbKey, entry: TlbEntry) -> None:
-        if key in self._unaligned:
-            self._unaligned.discard(key)
-            return
-        leaf = (key[0], entry.leaf_size, entry.leaf_base)
-        keys = self._leaves[leaf]
-        keys.discard(key)
-        if not keys:
-            del self._leaves[leaf]
-        left = self._sizes[entry.leaf_size] - 1
-        if left:
-            self._sizes[entry.leaf_size] = left
-        else:
-            del self._sizes[entry.leaf_size]
-
-    def overlapping(self, vmid: int, asid: int | None, start: int, end: int) -> list[TlbKey]:
-        """Keys of ``vmid`` (and ``asid``, unless None) whose leaf meets ``[start, end)``.
-
-        Exactly the entries a scan testing ``leaf_base < end and start <
-        leaf_base + leaf_size`` would pick; a range wider than the table is
-        scanned instead of enumerated.
-        """
-        found: list[TlbKey] = []
-        leaves = self._leaves
-        for size in self._sizes:
-            first = start - start % size
-            if (end - first) // size > len(self):
-                return self._scan(vmid, asid, start, end)
-            for base in range(first, end, size):
-                keys = leaves.get((vmid, size, base))
-                if keys:
-                    found.extend(k for k in keys if asid is None or k[1] == asid)
-        for key in self._unaligned:
-            entry = self[key]
-            if key[0] == vmid and (asid is None or key[1] == asid) \
-                    and entry.leaf_base < end and start < entry.leaf_base + entry.leaf_size:
-                found.append(key)
-        return found
-
-    def _scan(self, vmid: int, asid: int | None, start: int, end: int) -> list[TlbKey]:
-        return [
-            k
-            for k, e in self.items()
-            if k[0] == vmid
-            and (asid is None or k[1] == asid)
-            and e.leaf_base < end
-            and start < e.leaf_base + e.leaf_size
-        ]
-
-
-@dataclass(frozen=True, slots=True)
 class CdConfig:
     """The fields of a valid CD the walker uses."""
 
@@ -299,12 +182,8 @@ def _level_fault(event_id: EventId, what: str, level: int, desc: int, desc_ipa: 
 class PhysicalSmmu:
     """The sim's physical SMMU (see the module docstring)."""
 
-    def __init__(self, sim: SimIommufd) -> None:
-        from vsmmu.iommufd.sim import SimHwptNested, SimHwptPaging  # sim imports this module
-
-        self._nested_type = SimHwptNested
-        self._paging_type = SimHwptPaging
-        self.sim = sim
+    def __init__(self, report_event: EventReporter) -> None:
+        self._report_event = report_event
         self.tlb = Iotlb()
         self.cd_cache: dict[int, CdConfig] = {}
         # The hit fast path: dev_id -> {4K page number: (that host page's view, writable)}.
@@ -365,7 +244,7 @@ class PhysicalSmmu:
             self.fast.clear()
             vsid = CMD.SID.get(w0)
             vdev = viommu.vdevs.get(vsid)
-            if vdev is None or vdev.device is None:
+            if vdev is None:
                 raise IommufdError(
                     errno.EIO, op, f"vSID {vsid:#x}: no vDEVICE on vIOMMU {viommu.id}"
                 )
@@ -398,13 +277,10 @@ class PhysicalSmmu:
 
     @staticmethod
     def _tlbi_range(w0: int, w1: int) -> tuple[int, int]:
+        """``[start, end)`` of a TLBI by address; one byte when it names no range."""
         addr = CMD.VA.get(w1)
-        tg = CMD.TG.get(w1)
-        if tg == TlbiTg.NONE:
-            return addr, addr + 1
-        shift = TLBI_TG_SHIFT[tg]
-        pages = (CMD.NUM.get(w0) + 1) << CMD.SCALE.get(w0)
-        return addr, addr + (pages << shift)
+        size = tlbi_range_bytes(CMD.TG.get(w1), CMD.NUM.get(w0), CMD.SCALE.get(w0))
+        return addr, addr + (size or 1)
 
     # --- DMA ---
 
@@ -424,7 +300,7 @@ class PhysicalSmmu:
 
     def _translate_page(self, dev: SimDevice, iova: int, write: bool) -> tuple[memoryview, int]:
         hwpt = dev.hwpt
-        if isinstance(hwpt, self._nested_type) and hwpt.viommu is not None:
+        if isinstance(hwpt, SimHwptNested):
             vmid = hwpt.viommu.vmid
             ste0 = hwpt.ste[0]
             cfg = STE.CONFIG.get(ste0)
@@ -449,12 +325,9 @@ class PhysicalSmmu:
         hwpt = dev.hwpt
         if hwpt is None:
             raise DmaFault(f"device {dev.id} (SID {dev.stream_id:#x}) is not attached: blocked")
-        if isinstance(hwpt, self._paging_type):
-            assert hwpt.ioas is not None
+        if isinstance(hwpt, SimHwptPaging):
             return self._stage2(hwpt.ioas, iova, write, EventClass.IN, iova)
-        assert isinstance(hwpt, self._nested_type) and hwpt.viommu is not None
         viommu = hwpt.viommu
-        assert viommu.parent is not None and viommu.parent.ioas is not None
         ioas = viommu.parent.ioas
         ste0, _ = hwpt.ste
         if not STE.V.test(ste0):
@@ -491,12 +364,12 @@ class PhysicalSmmu:
         m = ioas.lookup(ipa)
         if m is None:
             raise _Fault(
-                EventId.F_TRANSLATION, f"S2: IPA {ipa:#x} not mapped", s2=1, ipa=ipa & ~0xFFF,
-                event_class=int(cls), input_addr=iova,
+                EventId.F_TRANSLATION, f"S2: IPA {ipa:#x} not mapped", s2=1,
+                ipa=ipa & ~TLB_PAGE_MASK, event_class=int(cls), input_addr=iova,
             )
         if write and not m.flags & _S2_WRITEABLE:
             raise _Fault(
-                EventId.F_PERMISSION, f"S2: IPA {ipa:#x} read-only", s2=1, ipa=ipa & ~0xFFF,
+                EventId.F_PERMISSION, f"S2: IPA {ipa:#x} read-only", s2=1, ipa=ipa & ~TLB_PAGE_MASK,
                 event_class=int(cls), input_addr=iova,
             )
         return m.mapping.view(), ipa - m.iova
@@ -621,18 +494,14 @@ class PhysicalSmmu:
             if klass is not None:
                 fields["class"] = klass
         vdev = dev.vdev
-        forward = (
-            vdev is not None
-            and vdev.viommu is not None
-            and fault.event_id in FORWARDED_EVENTS
+        forward = vdev is not None and fault.event_id in FORWARDED_EVENTS \
             and not fields.get("s2", 0)
-        )
         sid = vdev.virt_id if forward and vdev is not None else dev.stream_id
         raw = encode_event(fault.event_id, sid=sid & EVT.SID.mask, **fields)
         event = decode_event(raw)
         delivered = False
-        if forward and vdev is not None and vdev.viommu is not None:
-            delivered = self.sim.report_event(vdev.viommu, raw)
+        if forward and vdev is not None:
+            delivered = self._report_event(vdev.viommu, raw)
         if not delivered:
             self.host_events.append(event)
             log.warning("host SMMU event for dev %d (SID %#x): %s (%s)", dev.id, dev.stream_id,
