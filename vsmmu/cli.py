@@ -83,6 +83,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      help="sim host SMMU without nesting support")
     cmd.add_argument("--ats", action="store_true", help="the vSMMU advertises ATS")
     cmd.add_argument("--ril", action="store_true", help="the vSMMU advertises range invalidation")
+    cmd.add_argument("--no-msi", action="store_true",
+                     help="the vSMMU does not advertise IDR0.MSI (the guest then polls CMDQ_CONS "
+                          "after each CMD_SYNC)")
     cmd.add_argument("--cbadste-policy", choices=[p.value for p in CBadStePolicy],
                      default=CBadStePolicy.EVENT.value,
                      help="how a guest STE the host refuses is reported (see vsmmu.nesting.policy)")
@@ -104,7 +107,7 @@ def _serve_config(args: argparse.Namespace) -> ServiceConfig:
         backend=BackendKind(args.backend),
         host=HostPersonality(ats_in_nested=not args.host_no_ats_nested,
                              nesting=not args.host_no_nesting),
-        features=SmmuFeatures(ats=args.ats, ril=args.ril),
+        features=SmmuFeatures(ats=args.ats, ril=args.ril, msi=not args.no_msi),
         cbadste_policy=CBadStePolicy(args.cbadste_policy),
         trace=args.trace,
         exit_on_disconnect=args.exit_on_disconnect,

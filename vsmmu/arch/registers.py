@@ -317,6 +317,7 @@ class IRQ_CFG2:
 
     MEMATTR = Field("MemAttr", 3, 0)
     SH = Field("SH", 5, 4)
+    WRITABLE = MEMATTR.inplace_mask | SH.inplace_mask
 
 
 class STRTAB_BASE:

@@ -23,8 +23,12 @@ Behaviour (Arm IHI 0070; choices where the architecture leaves one):
   points at the failing command, CONS.ERR holds the code, GERROR.CMDQ_ERR
   toggles and the queue stays frozen until GERRORN acknowledges it.
   PREFETCH_*, RESUME and STALL_TERM are accepted as no-ops (nothing is
-  cached, nothing stalls).  CMD_SYNC with CS=IRQ is treated as CS=NONE
-  (no MSI is advertised); CS=SEV needs no action.  CFGI_STE for a SID at
+  cached, nothing stalls).  CMD_SYNC with CS=SIG_IRQ, when IDR0.MSI is
+  advertised, completes with its MSI: the 32-bit MSIData stored at
+  MSIAddress in guest RAM (coherent, so Linux polls that word instead of
+  reading CMDQ_CONS); a store outside guest RAM raises
+  GERROR.MSI_CMDQ_ABT_ERR and the queue goes on.  Without IDR0.MSI, CS=IRQ
+  is treated as CS=NONE; CS=SEV needs no action.  CFGI_STE for a SID at
   or above 2**SIDSIZE is a no-op.
 * Event queue (§3.5.3, §7.2): written only while CR0.EVENTQEN; when full
   the record is lost and EVENTQ_PROD.OVFLG toggles to differ from
@@ -32,7 +36,11 @@ Behaviour (Arm IHI 0070; choices where the architecture leaves one):
   raises GERROR.EVENTQ_ABT_ERR and records are dropped while it is active.
 * Combined wired IRQ, level-sensitive: high while (IRQ_CTRL.EVENTQ_IRQEN
   and the event queue is non-empty) or (IRQ_CTRL.GERROR_IRQEN and an error
-  is active).  No MSI: the IRQ_CFG registers read as zero.
+  is active).  GERROR and EVTQ interrupts are only wired: with IDR0.MSI
+  their IRQ_CFG0-2 registers hold what the guest writes, but no MSI is
+  sent through them (Linux sets up those MSIs only for an SMMU with unique
+  IRQs and an ``msi-parent``; ours has the ``combined`` wired IRQ).
+  Without IDR0.MSI they read as zero.
 * Base registers are ignored while their unit is enabled (STRTAB_* while
   SMMUEN, CMDQ_BASE while CMDQEN, EVENTQ_BASE while EVENTQEN), as are
   CMDQ_CONS while CMDQEN and EVENTQ_PROD while EVENTQEN.  GBPA writes
@@ -45,6 +53,7 @@ name, one line each, on this module's logger at INFO.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -70,6 +79,8 @@ from vsmmu.arch.registers import (
     EVENTQ_PROD,
     GBPA,
     GERROR,
+    IRQ_CFG0,
+    IRQ_CFG2,
     IRQ_CTRL,
     QUEUE_BASE,
     REG64,
@@ -153,6 +164,8 @@ class SmmuV3:
         self.id_registers = self.features.id_registers()
         self.commands_consumed = 0
         """Commands consumed since creation (for benchmarks and QMP statistics)."""
+        self.sync_msis = 0
+        """CMD_SYNC completion MSIs written (or attempted) since creation."""
         self.observer: SmmuObserver | None = None
         """Told of each consume and each event lost to a full queue (the sanitizer)."""
         self._kinds = self._command_kinds()
@@ -201,6 +214,8 @@ class SmmuV3:
         self.evtq_base = RESET_VALUES[Reg.EVENTQ_BASE]
         self.evtq_prod = RESET_VALUES[Reg.EVENTQ_PROD]
         self.evtq_cons = RESET_VALUES[Reg.EVENTQ_CONS]
+        self.msi_config: dict[int, int] = {}
+        """GERROR/EVENTQ_IRQ_CFG0-2 by offset (stored only; those interrupts are wired)."""
 
     def _build_register_table(self) -> None:
         for reg, value in self.id_registers.items():
@@ -214,11 +229,17 @@ class SmmuV3:
                  Reg.EVENTQ_CONS: "evtq_cons"}
         for reg, attr in plain.items():
             self._readers[reg] = self._attribute_reader(attr)
-        for reg in (Reg.STATUSR, Reg.AGBPA, Reg.GERROR_IRQ_CFG0, Reg.GERROR_IRQ_CFG1,
-                    Reg.GERROR_IRQ_CFG2, Reg.EVENTQ_IRQ_CFG0, Reg.EVENTQ_IRQ_CFG1,
-                    Reg.EVENTQ_IRQ_CFG2, Reg.PRIQ_BASE, Reg.PRIQ_IRQ_CFG0, Reg.PRIQ_IRQ_CFG1,
-                    Reg.PRIQ_IRQ_CFG2, Reg.PRIQ_PROD, Reg.PRIQ_CONS):
+        msi_config = {Reg.GERROR_IRQ_CFG0: IRQ_CFG0.ADDR.inplace_mask,
+                      Reg.GERROR_IRQ_CFG1: WORD_MASK, Reg.GERROR_IRQ_CFG2: IRQ_CFG2.WRITABLE,
+                      Reg.EVENTQ_IRQ_CFG0: IRQ_CFG0.ADDR.inplace_mask,
+                      Reg.EVENTQ_IRQ_CFG1: WORD_MASK, Reg.EVENTQ_IRQ_CFG2: IRQ_CFG2.WRITABLE}
+        for reg in (Reg.STATUSR, Reg.AGBPA, *msi_config, Reg.PRIQ_BASE, Reg.PRIQ_IRQ_CFG0,
+                    Reg.PRIQ_IRQ_CFG1, Reg.PRIQ_IRQ_CFG2, Reg.PRIQ_PROD, Reg.PRIQ_CONS):
             self._readers[reg] = lambda: 0
+        if self.features.msi:
+            for reg, writable in msi_config.items():
+                self._readers[reg] = functools.partial(self._read_msi_config, reg)
+                self._writers[reg] = functools.partial(self._write_msi_config, reg, writable)
         self._writers.update({
             Reg.CR0: self._write_cr0, Reg.CR1: self._write_cr1, Reg.CR2: self._write_cr2,
             Reg.GBPA: self._write_gbpa, Reg.IRQ_CTRL: self._write_irq_ctrl,
@@ -316,6 +337,12 @@ class SmmuV3:
         writer(value)
 
     # -------------------------------------------------------- register writes
+
+    def _read_msi_config(self, reg: Reg) -> int:
+        return self.msi_config.get(reg, 0)
+
+    def _write_msi_config(self, reg: Reg, writable: int, value: int) -> None:
+        self.msi_config[reg] = value & writable
 
     def _write_cr0(self, value: int) -> None:
         old = self.cr0
@@ -560,9 +587,12 @@ class SmmuV3:
                 return _CERROR_NONE
             return _CERROR_NONE if self.sink.ste_changed(sid, sid) else CError.ILL
         if kind == _SYNC:
-            if CMD.SYNC_CS.get(dw0) not in _SYNC_CS_VALUES:
+            cs = CMD.SYNC_CS.get(dw0)
+            if cs not in _SYNC_CS_VALUES:
                 return CError.ILL
             self.sink.sync()
+            if cs == SyncCs.IRQ and self.features.msi:
+                self._sync_msi(CMD.SYNC_MSIADDR.get(dw1), CMD.SYNC_MSIDATA.get(dw0))
             return _CERROR_NONE
         if kind == _CFGI_STE_RANGE:
             range_ = CMD.RANGE.get(dw1)
@@ -576,6 +606,15 @@ class SmmuV3:
         if kind == _NOP:
             return _CERROR_NONE
         return CError.ILL
+
+    def _sync_msi(self, address: int, data: int) -> None:
+        """CMD_SYNC's completion MSI: after everything before it, MSIData at MSIAddress."""
+        self.sync_msis += 1
+        try:
+            self.memory.write(address, data.to_bytes(WORD_BYTES, "little"))
+        except GuestMemoryError as exc:
+            logger.info("%s: CMD_SYNC MSI write aborted: %s", self.name, exc)
+            self._raise_gerror(GERROR.MSI_CMDQ_ABT_ERR)
 
     def _command_error(self, error: CError, q: QueueIndex, cons: int) -> None:
         self.cmdq_cons = CMDQ_CONS.ERR.put(self.cmdq_cons, error)

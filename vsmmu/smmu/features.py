@@ -2,8 +2,10 @@
 
 Defaults suit nesting the way QEMU's accelerated SMMUv3 does: stage 1 only,
 AArch64 little-endian tables, coherent, 16-bit ASIDs, 2-level stream
-tables, wired interrupts (no MSI, no SEV), terminate-only stall model, no
-ATS, no PRI, no range invalidation.  A backend may later narrow or widen
+tables, wired GERROR/EVTQ interrupts, MSI for CMD_SYNC completion only
+(IDR0.MSI: with coherent access Linux then polls memory instead of
+CMDQ_CONS), no SEV, terminate-only stall model, no ATS, no PRI, no range
+invalidation.  A backend may later narrow or widen
 this (e.g. ATS on for the "host rejects EATS" scenario) by building a new
 :class:`SmmuFeatures` with :func:`dataclasses.replace`.
 """
@@ -49,6 +51,8 @@ class SmmuFeatures:
     cd2l: bool = True
     asid16: bool = True
     cohacc: bool = True
+    msi: bool = True
+    """IDR0.MSI: CMD_SYNC's CS=SIG_IRQ writes its MSI into guest RAM."""
     ats: bool = False
     ril: bool = False
     gran4k: bool = True
@@ -82,6 +86,7 @@ class SmmuFeatures:
         """IDR0-5, IIDR and AIDR values for this feature set."""
         idr0 = (IDR0.S1P.place(1) | IDR0.TTF.place(Ttf.AARCH64)
                 | IDR0.COHACC.place(int(self.cohacc)) | IDR0.ATS.place(int(self.ats))
+                | IDR0.MSI.place(int(self.msi))
                 | IDR0.ASID16.place(int(self.asid16)) | IDR0.CD2L.place(int(self.cd2l))
                 | IDR0.TTENDIAN.place(TtEndian.LE)
                 | IDR0.STALL_MODEL.place(StallModel.TERMINATE_ONLY)

@@ -158,10 +158,10 @@ def test_event_vectors_ihi0070_7_3() -> None:
 
 def test_default_id_registers_ihi0070_6_3() -> None:
     ids = SmmuFeatures().id_registers()
-    # IDR0: S1P[1], TTF[3:2]=AArch64(2), COHACC[4], ASID16[12], CD2L[19],
+    # IDR0: S1P[1], TTF[3:2]=AArch64(2), COHACC[4], ASID16[12], MSI[13], CD2L[19],
     # TTENDIAN[22:21]=LE(2), STALL_MODEL[25:24]=1, TERM_MODEL[26], ST_LEVEL[28:27]=1.
-    idr0 = (1 << 1) | (2 << 2) | (1 << 4) | (1 << 12) | (1 << 19) | (2 << 21) | (1 << 24) \
-        | (1 << 26) | (1 << 27)
+    idr0 = (1 << 1) | (2 << 2) | (1 << 4) | (1 << 12) | (1 << 13) | (1 << 19) | (2 << 21) \
+        | (1 << 24) | (1 << 26) | (1 << 27)
     assert ids[Reg.IDR0] == idr0
     # IDR1: SIDSIZE[5:0]=16, EVENTQS[20:16]=8, CMDQS[25:21]=10.
     assert ids[Reg.IDR1] == 16 | (8 << 16) | (10 << 21)
