@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from benchmarks import b1b2_dma, b3_trap, b4_commands, b5_translation, compare
+from benchmarks import b1b2_dma, b3_trap, b4_commands, b5_translation, b6_scaling, compare
 from benchmarks.report import (
     BenchmarkError,
     RoundBenchmark,
@@ -35,6 +35,7 @@ DEFAULT_REPEATS = 9
 BENCHMARK_CLASSES: list[type[RoundBenchmark]] = [
     b4_commands.CommandBenchmark,
     b5_translation.TranslationBenchmark,
+    b6_scaling.ScalingBenchmark,
     b1b2_dma.DmaBenchmark,
     b3_trap.TrapBenchmark,
 ]
@@ -44,7 +45,9 @@ BENCHMARKS = sorted(bench_id for cls in BENCHMARK_CLASSES for bench_id in cls.id
 
 
 def _parse_only(text: str) -> list[str]:
-    chosen = [part.strip().upper() for part in text.split(",") if part.strip()]
+    by_upper = {bench_id.upper(): bench_id for bench_id in BENCHMARKS}
+    chosen = [by_upper.get(part.strip().upper(), part.strip())
+              for part in text.split(",") if part.strip()]
     unknown = [c for c in chosen if c not in BENCHMARKS]
     if unknown:
         raise argparse.ArgumentTypeError(

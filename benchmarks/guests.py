@@ -1,10 +1,12 @@
 """Booting the two guests the benchmarks compare, with the same kernel and initramfs tools.
 
 * **ours**: :class:`qmp_harness.nested.NestedMachine` — ``vsmmu serve`` with a
-  virtio-rng endpoint behind our vSMMU (a vfio-user PCI function);
+  virtio-rng endpoint behind our vSMMU (a vfio-user PCI function), and with
+  ``disk`` a virtio-blk endpoint over that raw image at :data:`DISK_SLOT`;
 * **QEMU's**: ``-machine virt,iommu=smmuv3`` with QEMU's own
-  ``virtio-rng-pci`` (``iommu_platform=on``, so its DMA goes through QEMU's
-  SMMUv3 as ours goes through our vSMMU).
+  ``virtio-rng-pci`` and, with ``disk``, ``virtio-blk-pci`` on the same raw
+  image (both ``iommu_platform=on``, so their DMA goes through QEMU's SMMUv3
+  as ours goes through our vSMMU).
 
 Programs for the guest are put into the initramfs by an :class:`InitFragment`
 that decodes them from base64 (the console is too slow to type them).
@@ -26,7 +28,14 @@ from benchmarks.report import BenchmarkError
 from guest_images.initramfs import InitFragment
 from qmp_harness.fixtures import GuestEnvironment, provision_environment
 from qmp_harness.machine import DEFAULT_APPEND, BootError, Machine
-from qmp_harness.nested import NestedConfig, NestedMachine
+from qmp_harness.nested import (
+    BLK_MODULES,
+    VIRTIO_BLK,
+    NestedConfig,
+    NestedEndpoint,
+    NestedMachine,
+    pci_bdf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,9 @@ QEMU_SMMU_BASE = 0x0905_0000
 """QEMU virt's own SMMUv3 (DESIGN.md §5)."""
 QEMU_RNG_SLOT = 2
 """The same slot our endpoint uses, so both guests see the rng at 0000:00:02.0."""
+DISK_SLOT = 3
+"""Both guests see the disk at 0000:00:03.0."""
+DISK_NODE = "bench-disk"
 RELAXED_IOMEM = "iomem=relaxed"
 """Lets /dev/mem map a register range a driver claimed (Debian sets IO_STRICT_DEVMEM)."""
 
@@ -44,6 +56,20 @@ def qemu_rng_device() -> str:
     """QEMU's virtio-rng-pci behind its SMMUv3 (modern only, DMA through the IOMMU)."""
     return json.dumps({"driver": "virtio-rng-pci", "addr": f"{QEMU_RNG_SLOT:#x}",
                        "disable-legacy": "on", "iommu_platform": True})
+
+
+def qemu_disk_args(disk: Path) -> tuple[str, list[str]]:
+    """QEMU's virtio-blk-pci on the raw image ``disk`` behind its SMMUv3: -device, -blockdev."""
+    device = json.dumps({"driver": "virtio-blk-pci", "addr": f"{DISK_SLOT:#x}",
+                         "drive": DISK_NODE, "disable-legacy": "on", "iommu_platform": True})
+    blockdev = json.dumps({"driver": "raw", "node-name": DISK_NODE,
+                           "file": {"driver": "file", "filename": str(disk)}})
+    return device, ["-blockdev", blockdev]
+
+
+def disk_bdf() -> str:
+    """The disk's PCI function in both guests."""
+    return pci_bdf(DISK_SLOT)
 
 
 def program_fragment(name: str, path: str, program: bytes) -> InitFragment:
@@ -60,11 +86,16 @@ def environment(cache: Path) -> GuestEnvironment:
 @contextlib.asynccontextmanager
 async def qemu_smmu_guest(env: GuestEnvironment, *, fragments: Sequence[InitFragment] = (),
                           append: Sequence[str] = (), modules: Sequence[str] = ("virtio_rng",),
-                          ) -> AsyncIterator[Machine]:
-    """A guest on ``virt,iommu=smmuv3`` with QEMU's virtio-rng-pci, booted to its shell."""
-    config = env.machine_config(modules=modules, fragments=fragments,
-                                devices=[qemu_rng_device()],
-                                append=" ".join([DEFAULT_APPEND, *append]))
+                          disk: Path | None = None) -> AsyncIterator[Machine]:
+    """A guest on ``virt,iommu=smmuv3`` with QEMU's virtio-rng-pci (and virtio-blk-pci on
+    ``disk``), booted to its shell."""
+    devices, extra = [qemu_rng_device()], []
+    if disk is not None:
+        device, extra = qemu_disk_args(disk)
+        devices.append(device)
+        modules = (*modules, *BLK_MODULES)
+    config = env.machine_config(modules=modules, fragments=fragments, devices=devices,
+                                append=" ".join([DEFAULT_APPEND, *append]), extra_args=extra)
     config = dataclasses.replace(config, machine_options=[QEMU_SMMU_MACHINE_OPTION])
     vm = Machine(env.qemu, config, name="bench-qemu-smmu")
     try:
@@ -79,9 +110,15 @@ async def qemu_smmu_guest(env: GuestEnvironment, *, fragments: Sequence[InitFrag
 
 @contextlib.asynccontextmanager
 async def our_guest(env: GuestEnvironment, *, fragments: Sequence[InitFragment] = (),
-                    append: Sequence[str] = ()) -> AsyncIterator[NestedMachine]:
-    """A guest with our vSMMU and its virtio-rng endpoint (the e2e recipe), at its shell."""
+                    append: Sequence[str] = (), disk: Path | None = None,
+                    ) -> AsyncIterator[NestedMachine]:
+    """A guest with our vSMMU and its virtio-rng endpoint (the e2e recipe), and a
+    virtio-blk endpoint on ``disk``, at its shell."""
     config = NestedConfig(fragments=tuple(fragments), append=tuple(append))
+    if disk is not None:
+        blk = NestedEndpoint(DISK_SLOT, kind=VIRTIO_BLK, image=disk)
+        config = dataclasses.replace(config, endpoints=(*config.endpoints, blk),
+                                     modules=(*config.modules, *BLK_MODULES))
     nested = NestedMachine(env.qemu, env.guest, config, cache=env.cache, name="bench-ours")
     try:
         await nested.start(boot_timeout=BOOT_TIMEOUT)
