@@ -13,7 +13,8 @@ How each guest STE lookup (:class:`vsmmu.smmu.SteStatus`) maps to a vSTE:
 ========================  ==============================================
 guest STE                 vSTE installed
 ========================  ==============================================
-VALID, Config=abort       ABORT_VSTE (proxy; silent abort)
+VALID, Config=0b0xx      ABORT_VSTE (proxy; silent abort; 0b001-0b011
+                          are reserved and behave as abort)
 VALID, Config=bypass      BYPASS_VSTE (proxy; stage 2 only)
 VALID, Config=S1-trans    the allowed fields of words 0-1
 INVALID (V=0)             INVALID_VSTE (zero): the kernel installs an abort
@@ -76,7 +77,8 @@ def vste_for(lookup: SteLookup, *, substreams: bool = True, ats: bool = True) ->
     if status is _VALID and words is not None:
         word0 = words[0]
         config = STE.CONFIG.get(word0)
-        if config == _CONFIG_ABORT:
+        if config < _CONFIG_BYPASS:
+            # 0b000, and the reserved 0b001-0b011 that behave as it (IHI 0070 §5.2 Config).
             return ABORT_VSTE
         if config == _CONFIG_BYPASS:
             return BYPASS_VSTE
@@ -97,5 +99,4 @@ def vste_for(lookup: SteLookup, *, substreams: bool = True, ats: bool = True) ->
 _VALID = SteStatus.VALID
 _INVALID = SteStatus.INVALID
 _ILLEGAL = SteStatus.ILLEGAL
-_CONFIG_ABORT = int(SteConfig.ABORT)
 _CONFIG_BYPASS = int(SteConfig.BYPASS)

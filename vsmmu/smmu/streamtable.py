@@ -16,7 +16,7 @@ Policy where the architecture leaves a choice (CONSTRAINED UNPREDICTABLE):
 * STRTAB_BASE_CFG.LOG2SIZE above IDR1.SIDSIZE is clamped to SIDSIZE, SPLIT
   above LOG2SIZE is clamped to LOG2SIZE; FMT=2-level without IDR0.ST_LEVEL
   advertising it, or a reserved FMT, is treated as linear;
-* an STE is ILLEGAL for: a reserved Config (1-3); Config using stage 2
+* an STE is ILLEGAL for: Config using stage 2
   (not advertised); for stage 1 with substreams advertised (SSIDSIZE > 0):
   S1CDMax > SSIDSIZE, a reserved S1Fmt or a 2-level S1Fmt without CD2L when
   S1CDMax != 0; S1ContextPtr beyond the OAS; with IDR0.ATS advertised, for
@@ -32,7 +32,8 @@ Not checked, because the architecture IGNOREs them here (IHI 0070 §5.2,
 IDR0.HYP is not advertised (a Non-secure STE's STRW is RES0); S1CDMax, S1Fmt
 and S1DSS when IDR1.SSIDSIZE is 0 (STE.S1ContextPtr then points at one CD);
 EATS without IDR0.ATS, and for abort and bypass STEs (``SteIllegal`` checks
-it only for ``Config != 0bx00`` with ATS implemented).
+it only for ``Config != 0bx00`` with ATS implemented). A reserved Config
+0b001-0b011 "behaves as 0b000": an abort with no event, not C_BAD_STE.
 """
 
 from __future__ import annotations
@@ -79,9 +80,7 @@ logger = logging.getLogger(__name__)
 
 # Plain-int copies for the CMD_CFGI_STE path: an enum member read through its class
 # costs about as much as the whole STE unpack.
-_STE_CONFIGS = frozenset(int(c) for c in SteConfig)
 _STAGE2_CONFIGS = frozenset({int(SteConfig.S2_TRANS), int(SteConfig.NESTED)})
-_CONFIG_ABORT = int(SteConfig.ABORT)
 _CONFIG_S1_TRANS = int(SteConfig.S1_TRANS)
 _S1_FMTS = frozenset(int(f) for f in S1Fmt)
 _S1FMT_LINEAR = int(S1Fmt.LINEAR)
@@ -264,8 +263,7 @@ def ste_words_illegal_reason(word0: int, word1: int, features: SmmuFeatures) -> 
 
 def _illegal_reason(features: SmmuFeatures, config: int, s1fmt: int, s1_context_ptr: int,
                     s1cdmax: int, eats: int) -> str | None:
-    if config not in _STE_CONFIGS:
-        return f"STE.Config={config:#05b} is reserved"
+    # Config 0b001-0b011 are reserved but behave as 0b000 (abort, no event): not ILLEGAL.
     if config in _STAGE2_CONFIGS:
         return f"STE.Config={SteConfig(config).name} needs stage 2, which is not advertised"
     if config == _CONFIG_S1_TRANS:

@@ -214,8 +214,8 @@ def test_invalid_ste_transaction_yields_c_bad_ste_with_the_guest_sid(rig: Rig) -
 
 def test_illegal_ste_transaction_yields_c_bad_ste() -> None:
     rig = make_rig()
-    # Config=0b010 is reserved: ILLEGAL.
-    rig.driver.write_ste(SID_A, Ste(v=1, config=0b010))
+    # Stage 2 is not advertised: ILLEGAL.
+    rig.driver.write_ste(SID_A, Ste(v=1, config=SteConfig.S2_TRANS))
     assert cmdq_error(rig) == (0, -1), "the default policy keeps the queue running"
     assert rig.translator.transaction(SID_A, RAM_BASE).event is not None
     events, _ = rig.driver.read_events()

@@ -50,7 +50,7 @@ def reference_vste(status: SteStatus, raw: bytes) -> VsteWords:
     """The vSTE through the decoded STE (the path ``vste_for`` replaces)."""
     if status is SteStatus.VALID:
         ste = Ste.decode(raw)
-        if ste.config == SteConfig.ABORT:
+        if ste.config < SteConfig.BYPASS:  # 0b0xx: reserved values behave as abort (§5.2)
             return ABORT_VSTE
         if ste.config == SteConfig.BYPASS:
             return BYPASS_VSTE
