@@ -32,17 +32,6 @@ class Verdict(enum.Enum):
     ONE_TARGET = "one target only"
 
 
-@dataclasses.dataclass(frozen=True)
-class KnownDifference:
-    """A documented way the two SMMUs may differ (README, "Known differences")."""
-
-    key: str
-    summary: str
-    #: The IHI 0070 section that decides it, and who is right.
-    ruling: str
-    applies: Callable[[Scenario, Observation, Observation], bool]
-
-
 def coalesce(observation: Observation) -> tuple[dict[str, int], ...]:
     """Each record's fields; within the records one DMA left, those equal but for a rising
     input address inside the DMA (one DMA split into several accesses, each faulting on its
@@ -52,19 +41,25 @@ def coalesce(observation: Observation) -> tuple[dict[str, int], ...]:
     groups: list[tuple[int, DmaOutcome | None]] = [(d.events_after, d) for d in observation.dmas]
     groups.append((len(observation.events), None))
     for end, dma in groups:
-        seen: list[dict[str, int]] = []
-        for record in observation.events[start:end]:
-            fields = event_fields(record)
-            address = fields.get("input_addr")
-            key = {k: v for k, v in fields.items() if k != "input_addr"}
-            inside = dma is not None and (address is None
-                                          or dma.iova <= address < dma.iova + dma.length)
-            if inside and key in seen:
-                continue
-            seen.append(key)
-            out.append(fields)
+        out.extend(_coalesce_group(observation.events[start:max(start, end)], dma))
         start = max(start, end)
     return tuple(out)
+
+
+def _coalesce_group(records: Sequence[bytes], dma: DmaOutcome | None) -> list[dict[str, int]]:
+    out: list[dict[str, int]] = []
+    seen: list[dict[str, int]] = []
+    for record in records:
+        fields = event_fields(record)
+        address = fields.get("input_addr")
+        key = {k: v for k, v in fields.items() if k != "input_addr"}
+        inside = dma is not None and (address is None
+                                      or dma.iova <= address < dma.iova + dma.length)
+        if inside and key in seen:
+            continue
+        seen.append(key)
+        out.append(fields)
+    return out
 
 
 def normalized(observation: Observation) -> Observation:
@@ -74,59 +69,126 @@ def normalized(observation: Observation) -> Observation:
     return dataclasses.replace(observation, events=events)
 
 
-def _only_stale_dmas_differ(scenario: Scenario, ours: Observation, qemu: Observation) -> bool:
-    dmas = [a for a in scenario.actions if isinstance(a, Dma)]
-    differing = [d for d, a, b in zip(dmas, ours.dmas, qemu.dmas, strict=True)
-                 if a.result != b.result]
-    return (bool(differing) and all(d.may_be_stale for d in differing)
-            and _same_events(ours, qemu) and ours.gerror == qemu.gerror)
-
-
-def _same_events(ours: Observation, qemu: Observation) -> bool:
-    return [event_fields(e) for e in ours.events] == [event_fields(e) for e in qemu.events]
-
-
-def _pairs(ours: Observation, qemu: Observation) -> list[tuple[dict[str, int], dict[str, int]]]:
-    mine = [event_fields(e) for e in ours.events]
-    theirs = [event_fields(e) for e in qemu.events]
-    return list(zip(mine, theirs, strict=True)) if len(mine) == len(theirs) else []
-
-
-def _qemu_permission_before_access(scenario: Scenario, ours: Observation,
-                                   qemu: Observation) -> bool:
-    pairs = _pairs(ours, qemu)
-    differing = [(a, b) for a, b in pairs if a != b]
-    return (bool(differing) and ours.dmas == qemu.dmas
-            and all(a["id"] == F_ACCESS and b["id"] == F_PERMISSION
-                    and {k: v for k, v in a.items() if k != "id"}
-                    == {k: v for k, v in b.items() if k != "id"} for a, b in differing))
-
-
-def _ids(observation: Observation) -> list[int]:
-    return [event_fields(e)["id"] for e in observation.events]
-
-
-def _qemu_refuses_s1cdmax(scenario: Scenario, ours: Observation, qemu: Observation) -> bool:
-    return (scenario.kind == "config-ste-s1cdmax" and set(_ids(qemu)) == {C_BAD_STE}
-            and C_BAD_STE not in _ids(ours))
-
-
-def _qemu_ignores_privilege(scenario: Scenario, ours: Observation, qemu: Observation) -> bool:
-    """We fault (F_PERMISSION) where QEMU let an unprivileged write through a leaf with
-    AP[1]=0; everything else (other DMAs, other records) is equal."""
-    if not scenario.unprivileged_leaf:
-        return False
-    mine = [event_fields(e) for e in ours.events]
-    extra = [f for f in mine if f["id"] == F_PERMISSION]
-    rest = [f for f in mine if f["id"] != F_PERMISSION]
-    theirs = [event_fields(e) for e in qemu.events]
-    failed = [a for a, b in zip(ours.dmas, qemu.dmas, strict=True) if a.result != b.result]
-    return (bool(extra) and rest == theirs and len(failed) == len(extra)
-            and all(d.result == TX_FAIL for d in failed))
-
-
-F_ACCESS, F_PERMISSION, C_BAD_STE = 0x12, 0x13, 0x04
+F_WALK_EABT, F_CD_FETCH, C_BAD_STE = 0x0B, 0x09, 0x04
+F_ADDR_SIZE, F_ACCESS, F_PERMISSION = 0x11, 0x12, 0x13
 TX_FAIL = 0xDEAD_0002
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One DMA as both targets performed it, with the records it left (coalesced)."""
+
+    dma: Dma
+    ours: DmaOutcome
+    qemu: DmaOutcome
+    ours_events: tuple[dict[str, int], ...]
+    qemu_events: tuple[dict[str, int], ...]
+
+    @property
+    def differs(self) -> bool:
+        """The results or the records differ."""
+        return self.ours != self.qemu or self.ours_events != self.qemu_events
+
+    def ids(self) -> tuple[list[int], list[int]]:
+        """The event ids each target recorded."""
+        return [e["id"] for e in self.ours_events], [e["id"] for e in self.qemu_events]
+
+    def same_but_id(self) -> bool:
+        """One record each, equal in every field but the id; same DMA result."""
+        if len(self.ours_events) != 1 or len(self.qemu_events) != 1:
+            return False
+        mine, theirs = dict(self.ours_events[0]), dict(self.qemu_events[0])
+        mine.pop("id")
+        theirs.pop("id")
+        return mine == theirs and self.ours == self.qemu
+
+
+def grouped(observation: Observation) -> list[tuple[dict[str, int], ...]]:
+    """The coalesced records after each DMA (see :func:`coalesce`), then those after the
+    last DMA."""
+    records = coalesce(observation)
+    counts = _group_sizes(observation)
+    groups = []
+    start = 0
+    for size in counts:
+        groups.append(tuple(records[start:start + size]))
+        start += size
+    return groups
+
+
+def _group_sizes(observation: Observation) -> list[int]:
+    sizes = []
+    start = 0
+    bounds = [d.events_after for d in observation.dmas] + [len(observation.events)]
+    for index, end in enumerate(bounds):
+        dma = observation.dmas[index] if index < len(observation.dmas) else None
+        sizes.append(len(_coalesce_group(observation.events[start:max(start, end)], dma)))
+        start = max(start, end)
+    return sizes
+
+
+def steps(scenario: Scenario, ours: Observation, qemu: Observation) -> list[Step] | None:
+    """The DMAs side by side; None when the records after the last DMA differ."""
+    dmas = [a for a in scenario.actions if isinstance(a, Dma)]
+    mine, theirs = grouped(ours), grouped(qemu)
+    if mine[-1] != theirs[-1]:
+        return None
+    return [Step(d, a, b, ea, eb) for d, a, b, ea, eb in zip(
+        dmas, ours.dmas, qemu.dmas, mine[:-1], theirs[:-1], strict=True)]
+
+
+StepRule = Callable[[Scenario, Step], bool]
+
+
+def _stale(scenario: Scenario, step: Step) -> bool:
+    return step.dma.may_be_stale
+
+
+def _permission_before_access(scenario: Scenario, step: Step) -> bool:
+    return step.same_but_id() and step.ids() == ([F_ACCESS], [F_PERMISSION])
+
+
+def _addr_size_before_access_permission(scenario: Scenario, step: Step) -> bool:
+    mine, theirs = step.ids()
+    return (step.same_but_id() and mine == [F_ADDR_SIZE]
+            and theirs in ([F_ACCESS], [F_PERMISSION]))
+
+
+def _ignores_privilege(scenario: Scenario, step: Step) -> bool:
+    return (scenario.unprivileged_leaf and step.ours.result == TX_FAIL
+            and step.ids() == ([F_PERMISSION], []))
+
+
+def _s1cdmax(scenario: Scenario, step: Step) -> bool:
+    mine, theirs = step.ids()
+    return scenario.kind == "config-ste-s1cdmax" and not mine and set(theirs) == {C_BAD_STE}
+
+
+def _fetch_abort_not_reported(scenario: Scenario, step: Step) -> bool:
+    mine, theirs = step.ids()
+    return (step.ours == step.qemu and step.ours.result == TX_FAIL and not mine
+            and bool(theirs) and set(theirs) <= {F_WALK_EABT, F_CD_FETCH})
+
+
+def _table_address_size(scenario: Scenario, step: Step) -> bool:
+    return step.ids() == ([F_ADDR_SIZE], [F_WALK_EABT]) and step.ours == step.qemu
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownDifference:
+    """A documented way the two SMMUs may differ (README, "Known differences").
+
+    ``explains`` is asked about each DMA whose outcome differs; the rule applies when it
+    explains every one of them (and nothing else differs, but the output window when
+    ``window_may_differ``).
+    """
+
+    key: str
+    summary: str
+    #: The IHI 0070 section that decides it, and who is right.
+    ruling: str
+    explains: StepRule
+    window_may_differ: bool = False
 
 
 KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
@@ -136,21 +198,29 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "translation and the other walked again.",
         "IHI 0070 §16.2 (caching): an SMMU may cache a translation until it is invalidated, "
         "and need not; both outcomes are correct. Only DMAs marked may_be_stale may differ.",
-        _only_stale_dmas_differ),
+        _stale, window_may_differ=True),
     KnownDifference(
         "qemu-permission-before-access",
         "A write to a read-only leaf with AF=0 (CD.AFFD=0, no HTTU): QEMU records "
         "F_PERMISSION, we record F_ACCESS.",
         "IHI 0070 §3.13.1: 'An Access fault takes priority over a Permission fault'. "
         "QEMU checks permissions first; we follow the architecture.",
-        _qemu_permission_before_access),
+        _permission_before_access),
+    KnownDifference(
+        "qemu-addr-size-after-permission",
+        "A leaf whose output address is beyond the CD's effective IPS, and read-only or AF=0: "
+        "QEMU records F_PERMISSION/F_ACCESS, we record F_ADDR_SIZE.",
+        "IHI 0070 §3.4 and §5.4 IPS: the output address is range-checked as part of the walk "
+        "(F_ADDR_SIZE); the Access flag and then permissions are checked on the walk's result "
+        "(Arm ARM fault prioritisation, which §3.13.1 follows). QEMU checks them first.",
+        _addr_size_before_access_permission),
     KnownDifference(
         "qemu-s1cdmax",
         "STE.S1CDMax != 0 on SMMUs that advertise IDR1.SSIDSIZE=0 (both do): QEMU records "
         "C_BAD_STE, we translate through the one CD at S1ContextPtr.",
         "IHI 0070 §5.2 S1CDMax: 'If SMMU_IDR1.SSIDSIZE == 0, this field is IGNORED' (and "
         "S1Fmt, S1DSS with it). QEMU rejects any S1CDMax != 0 (multiple CDs unsupported).",
-        _qemu_refuses_s1cdmax),
+        _s1cdmax, window_may_differ=True),
     KnownDifference(
         "qemu-ignores-privilege",
         "A write to a leaf with AP[1]=0 (EL0 no access): QEMU lets the device write, we "
@@ -158,8 +228,25 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "IHI 0070 §13.7: a transaction without a PASID TLP prefix is 'Unprivileged' (STE.PRIVCFG "
         "0b00 uses it); stage-1 AP[2:1]=0b0x gives unprivileged accesses no access. QEMU "
         "ignores AP[1].",
-        _qemu_ignores_privilege),
+        _ignores_privilege, window_may_differ=True),
+    KnownDifference(
+        "nested-fetch-abort",
+        "A CD or stage-1 table at an address with nothing behind it (outside guest RAM): QEMU "
+        "records F_CD_FETCH / F_WALK_EABT, we abort the DMA with no record.",
+        "Deliberate (nesting): our CD fetches and table walks are the host SMMU's, through "
+        "stage 2 (the IOAS holding guest RAM); a fetch outside it is a stage-2 fault with "
+        "CLASS=CD/TT (IHI 0070 §7.3.12), which the host owns and the kernel does not forward "
+        "into the vEVENTQ, so the guest sees the abort but no record.",
+        _fetch_abort_not_reported),
+    KnownDifference(
+        "qemu-table-address-size",
+        "A table descriptor pointing beyond the CD's effective IPS: QEMU fetches it "
+        "(F_WALK_EABT), we record F_ADDR_SIZE.",
+        "IHI 0070 §5.4 IPS: 'This check applies to stage 1 next-level table addresses in Table "
+        "descriptors'. QEMU checks only output addresses.",
+        _table_address_size),
 )
+
 
 #: What :func:`judge` reports when only QEMU's split records differ.
 SPLIT_DMA = KnownDifference(
@@ -170,7 +257,7 @@ SPLIT_DMA = KnownDifference(
     "Not an SMMU difference: IHI 0070 §7.3 records one event per faulting transaction, and "
     "the number of transactions is the device's and the interconnect's choice. Compared "
     "with each run of such records taken as its first.",
-    lambda scenario, ours, qemu: True)
+    lambda scenario, step: True)
 
 
 @dataclasses.dataclass
@@ -207,16 +294,31 @@ def judge(scenario: Scenario, ours: Observation, qemu: Observation) -> Outcome:
     plain_ours, plain_qemu = normalized(ours), normalized(qemu)
     if _same(plain_ours, plain_qemu):
         return Outcome(scenario, Verdict.KNOWN, ours, qemu, SPLIT_DMA)
-    for known in KNOWN_DIFFERENCES:
-        if known.applies(scenario, plain_ours, plain_qemu):
-            return Outcome(scenario, Verdict.KNOWN, ours, qemu, known)
+    known = explain(scenario, ours, qemu)
+    if known is not None:
+        return Outcome(scenario, Verdict.KNOWN, ours, qemu, known)
     return Outcome(scenario, Verdict.NEW, ours, qemu)
+
+
+def explain(scenario: Scenario, ours: Observation, qemu: Observation) -> KnownDifference | None:
+    """The known difference that explains every differing DMA, if one does."""
+    if ours.gerror != qemu.gerror or ours.cmdq_error != qemu.cmdq_error:
+        return None
+    side_by_side = steps(scenario, ours, qemu)
+    if side_by_side is None:
+        return None
+    differing = [step for step in side_by_side if step.differs]
+    for known in KNOWN_DIFFERENCES:
+        if (differing and all(known.explains(scenario, step) for step in differing)
+                and (known.window_may_differ or ours.window_digest == qemu.window_digest)):
+            return known
+    return None
 
 
 def _same(ours: Observation, qemu: Observation) -> bool:
     return (ours.dmas == qemu.dmas and ours.window_digest == qemu.window_digest
             and ours.gerror == qemu.gerror and ours.cmdq_error == qemu.cmdq_error
-            and _same_events(ours, qemu))
+            and [event_fields(e) for e in ours.events] == [event_fields(e) for e in qemu.events])
 
 
 async def compare(scenario: Scenario, ours: Target, qemu: Target) -> Outcome:
