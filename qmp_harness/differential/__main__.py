@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 
 from guest_images.cache import default_cache
 from qmp_harness.differential.cases import ported_cases, scenarios
-from qmp_harness.differential.compare import Outcome, Summary, Verdict, run_all
+from qmp_harness.differential.compare import (
+    Outcome,
+    Summary,
+    Verdict,
+    known_differences_table,
+    run_all,
+)
 from qmp_harness.differential.scenario import Scenario
 from qmp_harness.differential.targets import QemuSmmuTarget, VsmmuTarget
 from qmp_harness.provision import ensure_qemu
@@ -76,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"hypothesis seed (default {DEFAULT_SEED})")
     parser.add_argument("--cache", type=Path, default=None, help="the vsmmu cache directory")
     parser.add_argument("--verbose", action="store_true", help="print every scenario")
+    parser.add_argument("--known-differences", action="store_true",
+                        help="print the known-differences table (markdown) and exit")
     args = parser.parse_args(argv)
+    if args.known_differences:
+        print(known_differences_table())
+        return 0
     started = time.monotonic()
     summary = asyncio.run(differential(args.examples, args.seed, args.cache or default_cache(),
                                        verbose=args.verbose))

@@ -188,6 +188,8 @@ class KnownDifference:
     #: The IHI 0070 section that decides it, and who is right.
     ruling: str
     explains: StepRule
+    #: The scenarios (name prefix and kind) that show it.
+    shown_by: str = ""
     window_may_differ: bool = False
 
 
@@ -198,14 +200,15 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "translation and the other walked again.",
         "IHI 0070 §16.2 (caching): an SMMU may cache a translation until it is invalidated, "
         "and need not; both outcomes are correct. Only DMAs marked may_be_stale may differ.",
-        _stale, window_may_differ=True),
+        _stale, "stale/…-tlbi{none,other-asid}: leaf changed, DMA before the TLBI",
+        window_may_differ=True),
     KnownDifference(
         "qemu-permission-before-access",
         "A write to a read-only leaf with AF=0 (CD.AFFD=0, no HTTU): QEMU records "
         "F_PERMISSION, we record F_ACCESS.",
         "IHI 0070 §3.13.1: 'An Access fault takes priority over a Permission fault'. "
         "QEMU checks permissions first; we follow the architecture.",
-        _permission_before_access),
+        _permission_before_access, "translate/…-ap{2,3}af0: read-only leaf with AF=0"),
     KnownDifference(
         "qemu-addr-size-after-permission",
         "A leaf whose output address is beyond the CD's effective IPS, and read-only or AF=0: "
@@ -213,14 +216,15 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "IHI 0070 §3.4 and §5.4 IPS: the output address is range-checked as part of the walk "
         "(F_ADDR_SIZE); the Access flag and then permissions are checked on the walk's result "
         "(Arm ARM fault prioritisation, which §3.13.1 follows). QEMU checks them first.",
-        _addr_size_before_access_permission),
+        _addr_size_before_access_permission,
+        "walk-fault/…-ap{2,3}-…-output-beyond-ips, walk-fault/…af0-…-output-beyond-ips"),
     KnownDifference(
         "qemu-s1cdmax",
         "STE.S1CDMax != 0 on SMMUs that advertise IDR1.SSIDSIZE=0 (both do): QEMU records "
         "C_BAD_STE, we translate through the one CD at S1ContextPtr.",
         "IHI 0070 §5.2 S1CDMax: 'If SMMU_IDR1.SSIDSIZE == 0, this field is IGNORED' (and "
         "S1Fmt, S1DSS with it). QEMU rejects any S1CDMax != 0 (multiple CDs unsupported).",
-        _s1cdmax, window_may_differ=True),
+        _s1cdmax, "config/ste-s1cdmax", window_may_differ=True),
     KnownDifference(
         "qemu-ignores-privilege",
         "A write to a leaf with AP[1]=0 (EL0 no access): QEMU lets the device write, we "
@@ -228,7 +232,8 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "IHI 0070 §13.7: a transaction without a PASID TLP prefix is 'Unprivileged' (STE.PRIVCFG "
         "0b00 uses it); stage-1 AP[2:1]=0b0x gives unprivileged accesses no access. QEMU "
         "ignores AP[1].",
-        _ignores_privilege, window_may_differ=True),
+        _ignores_privilege, "translate/…-ap0af1… (AP[2:1]=0b00: RW, EL1 only)",
+        window_may_differ=True),
     KnownDifference(
         "nested-fetch-abort",
         "A CD or stage-1 table at an address with nothing behind it (outside guest RAM): QEMU "
@@ -237,14 +242,15 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "stage 2 (the IOAS holding guest RAM); a fetch outside it is a stage-2 fault with "
         "CLASS=CD/TT (IHI 0070 §7.3.12), which the host owns and the kernel does not forward "
         "into the vEVENTQ, so the guest sees the abort but no record.",
-        _fetch_abort_not_reported),
+        _fetch_abort_not_reported,
+        "config/cd-unbacked, config/cd-ttb0-unbacked, walk-fault/…-table-unbacked"),
     KnownDifference(
         "qemu-table-address-size",
         "A table descriptor pointing beyond the CD's effective IPS: QEMU fetches it "
         "(F_WALK_EABT), we record F_ADDR_SIZE.",
         "IHI 0070 §5.4 IPS: 'This check applies to stage 1 next-level table addresses in Table "
         "descriptors'. QEMU checks only output addresses.",
-        _table_address_size),
+        _table_address_size, "walk-fault/…-table-beyond-ips"),
 )
 
 
@@ -257,7 +263,15 @@ SPLIT_DMA = KnownDifference(
     "Not an SMMU difference: IHI 0070 §7.3 records one event per faulting transaction, and "
     "the number of transactions is the device's and the interconnect's choice. Compared "
     "with each run of such records taken as its first.",
-    lambda scenario, step: True)
+    lambda scenario, step: True, "any failed DMA longer than 4 bytes or unaligned")
+
+
+def known_differences_table() -> str:
+    """The README's known-differences table (markdown), from :data:`KNOWN_DIFFERENCES`."""
+    rows = ["| key | what differs | ruling | shown by |", "|---|---|---|---|"]
+    for known in (SPLIT_DMA, *KNOWN_DIFFERENCES):
+        rows.append(f"| `{known.key}` | {known.summary} | {known.ruling} | {known.shown_by} |")
+    return "\n".join(rows)
 
 
 @dataclasses.dataclass
