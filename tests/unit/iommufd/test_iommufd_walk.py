@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from vsmmu.arch.cd import CD, Tg0
 from vsmmu.arch.commands import CMD, CmdOpcode, TlbiTg
 from vsmmu.arch.events import Event, EventClass, EventId, decode_event
+from vsmmu.arch.fields import Field
 from vsmmu.arch.pagetables import DESC, Ap
 from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.iommufd import uapi
@@ -421,3 +422,57 @@ def test_fast_path_reads_equal_slow_path_reads(steps: list[tuple[int, int, int, 
         if action == 2:
             slow.sim.smmu.fast.clear()
             assert fast.sim.dma_read(fast.dev, va, 1) == slow.sim.dma_read(slow.dev, va, 1)
+
+
+# -- CD checks and AFFD, decided from IHI 0070 (found by the differential run vs QEMU) --------
+
+
+def _cd_word0(g: Guest) -> int:
+    return int.from_bytes(g.ram[0:8], "little")
+
+
+@pytest.mark.parametrize("field", [CD.HA, CD.HD])
+def test_cd_with_hardware_update_but_no_httu_is_c_bad_cd(field: Field) -> None:
+    # §5.4 HA/HD: ILLEGAL when SMMU_IDR0.HTTU does not support them (this SMMU has none).
+    g = Guest()
+    build_4k(g, 0x5000, RAM_IPA + 0x20_0000)
+    g.put(g.cd_ipa, field.put(_cd_word0(g), 1))
+    g.attach()
+    with pytest.raises(DmaFault):
+        g.sim.dma_write(g.dev, 0x5000, b"x")
+    assert [e.event_id for _, e in g.events()] == [EventId.C_BAD_CD]
+
+
+def test_ttb0_beyond_ips_is_c_bad_cd_not_address_size() -> None:
+    # §3.4: a CD.TTBx out of range of the effective IPS is C_BAD_CD, not F_ADDR_SIZE.
+    g = Guest()
+    g.put(g.cd_ipa, CD.IPS.put(_cd_word0(g), 0))  # 32 bits
+    g.put(g.cd_ipa + 8, CD.TTB0.put(0, g.ttb | 1 << 33))
+    g.attach()
+    with pytest.raises(DmaFault):
+        g.sim.dma_write(g.dev, 0x5000, b"x")
+    assert [e.event_id for _, e in g.events()] == [EventId.C_BAD_CD]
+
+
+def test_affd_takes_af_zero_as_one() -> None:
+    # §5.4 AFFD=1: "An Access flag fault never occurs. The TTD.AF bit is considered to be 1."
+    g = Guest()
+    va, out = 0x7000, RAM_IPA + 0x20_0000
+    build_4k(g, va, out)
+    tables_l3 = g.ttb + 3 * 0x1000
+    g.put(tables_l3 + 7 * 8, out | (LEAF & ~DESC.AF.place(1)) | PAGE)
+    g.put(g.cd_ipa, CD.AFFD.put(_cd_word0(g), 1))
+    g.attach()
+    g.sim.dma_write(g.dev, va, b"ok")
+    assert g.ram[0x20_0000:0x20_0002] == b"ok" and g.events() == []
+
+
+def test_s1fmt_is_ignored_without_s1cdmax() -> None:
+    # §5.2 S1Fmt: IGNORED when S1CDMax == 0; S1ContextPtr points at the one CD.
+    g = Guest()
+    build_4k(g, 0x5000, RAM_IPA + 0x20_0000)
+    w0 = STE.S1FMT.put(STE.CONFIG.put(STE.V.put(0, 1), SteConfig.S1_TRANS), 1)
+    hwpt = g.sim.hwpt_alloc(g.dev, g.viommu, data=(STE.S1CONTEXTPTR.put(w0, g.cd_ipa), 0))
+    g.sim.device_attach(g.dev, hwpt)
+    g.sim.dma_write(g.dev, 0x5000, b"ok")
+    assert g.ram[0x20_0000:0x20_0002] == b"ok"

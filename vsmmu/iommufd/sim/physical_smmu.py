@@ -39,8 +39,13 @@ stage-2 faults (S2=1), faults of non-nested devices and events with no
 vEVENTQ are host events: logged and appended to :attr:`PhysicalSmmu.host_events`.
 Either way the DMA raises :class:`DmaFault` carrying the event.
 
+CD checks follow IHI 0070 §5.4 for an SMMU without HTTU and with 48-bit
+tables: HA/HD set, a TTBx beyond the effective IPS (0b111 behaves as 0b110)
+are C_BAD_CD; AFFD=1 takes AF=0 as 1; S1Fmt is IGNORED when S1CDMax=0.
+
 Not modelled: APTable/PXNTable hierarchical permissions, contiguous hints,
-HA/HD, stall mode, SubstreamIDs other than 0, 52-bit addresses.
+hardware AF/dirty updates, stall mode, SubstreamIDs other than 0, 52-bit
+addresses.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ from vsmmu.arch.pagetables import (
     classify,
     output_address,
 )
-from vsmmu.arch.registers import OAS_BITS
+from vsmmu.arch.registers import OAS_BITS, Oas
 from vsmmu.arch.ste import STE, S1Fmt, SteConfig
 from vsmmu.iommufd.backend import IommufdError
 from vsmmu.iommufd.sim.iotlb import (
@@ -151,8 +156,11 @@ class CdConfig:
     shift: tuple[int, int]
     epd: tuple[bool, bool]
     oa_bits: int
+    #: CD.AFFD: a leaf with AF=0 is taken as AF=1, no Access flag fault (IHI 0070 §5.4).
+    affd: bool = False
 
 
+_IPS_52 = int(Oas.BITS_52)
 _CLASS_IN = int(EventClass.IN)
 _S2_WRITEABLE = int(IoasMapFlags.WRITEABLE)
 _INVALID = DescriptorKind.INVALID
@@ -381,13 +389,14 @@ class PhysicalSmmu:
     def _fetch_cd(self, ioas: SimIoas, ste0: int) -> CdConfig:
         ptr = STE.S1CONTEXTPTR.get(ste0)
         fmt = STE.S1FMT.get(ste0)
-        if fmt in (S1Fmt.TWO_LEVEL_4K, S1Fmt.TWO_LEVEL_64K):
+        # With S1CDMax=0 S1Fmt is IGNORED: S1ContextPtr points at the one CD (IHI 0070 §5.2).
+        if STE.S1CDMAX.get(ste0) and fmt in (S1Fmt.TWO_LEVEL_4K, S1Fmt.TWO_LEVEL_64K):
             l1 = int.from_bytes(self._read_ipa(ioas, ptr, L1_CD_SIZE, EventClass.CD, 0), "little")
             if not L1CD.V.test(l1):
                 raise _Fault(EventId.C_BAD_SUBSTREAMID, "L1CD V=0 for SubstreamID 0")
             ptr = L1CD.L2PTR.get(l1)
             # SubstreamID 0 is index 0 in the L1 table and in the leaf table.
-        elif fmt != S1Fmt.LINEAR:
+        elif STE.S1CDMAX.get(ste0) and fmt != S1Fmt.LINEAR:
             raise _Fault(EventId.C_BAD_STE, f"S1Fmt {fmt} reserved")
         raw = self._read_ipa(ioas, ptr, CD_SIZE, EventClass.CD, 0)
         words = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, 32, 8)]
@@ -396,6 +405,9 @@ class PhysicalSmmu:
             raise _Fault(EventId.C_BAD_CD, "CD V=0")
         if not CD.AA64.test(w0):
             raise _Fault(EventId.C_BAD_CD, "CD AA64=0: only AArch64 tables are supported")
+        if CD.HA.test(w0) or CD.HD.test(w0):
+            # This SMMU has no HTTU: setting HA or HD is ILLEGAL (IHI 0070 §5.4 HA, HD).
+            raise _Fault(EventId.C_BAD_CD, "CD HA/HD=1 without HTTU")
         tsz = (CD.T0SZ.get(w0), CD.T1SZ.get(w0))
         epd = (CD.EPD0.test(w0), CD.EPD1.test(w0))
         for sz, disabled in zip(tsz, epd, strict=True):
@@ -407,19 +419,27 @@ class PhysicalSmmu:
         tg0, tg1 = CD.TG0.get(w0), CD.TG1.get(w0)
         if (not epd[0] and tg0 not in TG0_PAGE_SHIFT) or (not epd[1] and tg1 not in TG1_PAGE_SHIFT):
             raise _Fault(EventId.C_BAD_CD, f"CD TG0 {tg0} / TG1 {tg1} reserved")
-        ips = CD.IPS.get(w0)
-        if ips not in OAS_BITS:
-            raise _Fault(EventId.C_BAD_CD, f"CD IPS {ips} reserved")
+        # IPS 0b111 is reserved and behaves as 0b110 (52 bits) in SMMUv3.1-3.3 (§5.4 IPS).
+        ips = min(CD.IPS.get(w0), _IPS_52)
+        oa_bits = OAS_BITS[ips]
+        ttb = (CD.TTB0.get(words[1]), CD.TTB1.get(words[2]))
+        for half in (0, 1):
+            # A TTBx outside the effective IPS makes the CD ILLEGAL: C_BAD_CD, not an Address
+            # Size fault (IHI 0070 §3.4, §5.4 TTB0/TTB1).
+            if not epd[half] and ttb[half] >> oa_bits:
+                raise _Fault(EventId.C_BAD_CD, f"CD TTB{half} {ttb[half]:#x} beyond the "
+                             f"{oa_bits}-bit IPS")
         return CdConfig(
             asid=CD.ASID.get(w0),
-            ttb=(CD.TTB0.get(words[1]), CD.TTB1.get(words[2])),
+            ttb=ttb,
             tsz=tsz,
             shift=(
                 TG0_PAGE_SHIFT.get(tg0, TLB_PAGE_SHIFT),
                 TG1_PAGE_SHIFT.get(tg1, TLB_PAGE_SHIFT),
             ),
             epd=epd,
-            oa_bits=OAS_BITS[ips],
+            oa_bits=oa_bits,
+            affd=CD.AFFD.test(w0),
         )
 
     def _stage1(
@@ -444,9 +464,6 @@ class PhysicalSmmu:
         table = cd.ttb[half]
         oa_limit = 1 << cd.oa_bits
         oa_52 = cd.oa_bits > OA_BITS
-        if table >= oa_limit:
-            raise _Fault(EventId.F_ADDR_SIZE, f"TTB{half} {table:#x} beyond IPS",
-                         event_class=_CLASS_IN, input_addr=iova)
         lookup = ioas.lookup
         while True:
             desc_ipa = table + granule.index(iova, level, ia_bits) * DESCRIPTOR_SIZE
@@ -470,7 +487,7 @@ class PhysicalSmmu:
                 table = out
                 level += 1
                 continue
-            if not DESC.AF.test(desc):
+            if not DESC.AF.test(desc) and not cd.affd:
                 raise _level_fault(EventId.F_ACCESS, "AF=0", level, desc, desc_ipa, iova)
             ap = DESC.AP.get(desc)
             if ap != _AP_RW_ANY and ap != _AP_RO_ANY:
