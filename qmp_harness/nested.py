@@ -208,6 +208,11 @@ class NestedConfig:
     guest_suite: str | None = None
     """The Debian suite of the guest kernel; None boots the environment's default
     (``$VSMMU_GUEST_SUITE`` or trixie).  The ``nested_machine`` fixture resolves it."""
+    sanitize: bool = True
+    """Run the service with ``--sanitize``; the ``nested_machine`` fixture fails the test
+    when it reported a guest error of a kind not in :attr:`allowed_guest_errors`."""
+    allowed_guest_errors: frozenset[str] = frozenset()
+    """Sanitizer kinds a test provokes on purpose (e.g. ``"eventq-full"``)."""
 
 
 def smmu_node(config: NestedConfig) -> SmmuV3Node:
@@ -306,6 +311,8 @@ class NestedMachine:
             argv.append("--host-no-ats-nested")
         if config.cbadste_policy is not None:
             argv += ["--cbadste-policy", config.cbadste_policy]
+        if config.sanitize:
+            argv.append("--sanitize")
         return [*argv, *config.service_args]
 
     def endpoint_socket(self, endpoint: NestedEndpoint) -> Path:
@@ -441,6 +448,21 @@ class NestedMachine:
     async def service(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run a command on the service's QMP (raises qemu.qmp.ExecuteError)."""
         return await self.service_qmp.execute(command, arguments)
+
+    async def unexpected_guest_errors(self) -> list[Mapping[str, Any]]:
+        """The sanitizer's ``VSMMU_GUEST_ERROR`` events of kinds the config does not allow.
+
+        Asks ``query-vsmmu`` first: its reply comes after every event sent before it.
+        """
+        if not self.config.sanitize:
+            return []
+        state = await self.service("query-vsmmu")
+        counts = state["sanitizer"]["counts"]
+        allowed = self.config.allowed_guest_errors
+        if not any(n for kind, n in counts.items() if kind not in allowed):
+            return []
+        return [e for e in self.service_events if e["event"] == "VSMMU_GUEST_ERROR"
+                and e["data"]["kind"] not in allowed] or [{"counts": counts}]
 
     async def wait_service_event(
         self, name: str, timeout: float, *, since: int = 0,

@@ -7,18 +7,22 @@
   after the test.
   When the test fails, each machine's failure report (guest console tail,
   service log tail, last QMP events of QEMU and of the service) is printed
-  and attached to the test report as a section.
+  and attached to the test report as a section.  When it passed, each
+  machine's sanitizer (``NestedConfig.sanitize``, on by default) must have
+  reported no guest error it did not allow, or the test fails at teardown.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Generator
 from typing import Protocol
 
 import pytest
+from qemu.qmp import QMPError
 
 from qmp_harness.fixtures import GuestEnvironment
-from qmp_harness.nested import NestedConfig, NestedMachine
+from qmp_harness.nested import NestedBootError, NestedConfig, NestedMachine
 
 REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -61,6 +65,12 @@ async def nested_machine(
         return machine
 
     yield start
+    unexpected: list[str] = []
+    if not run_failed(request.node):
+        for machine in machines:
+            with contextlib.suppress(QMPError, OSError, EOFError, NestedBootError):
+                unexpected += [f"{machine.name}: {error}"
+                               for error in await machine.unexpected_guest_errors()]
     if run_failed(request.node):
         for machine in machines:
             report = machine.failure_report("the test failed")
@@ -68,3 +78,6 @@ async def nested_machine(
             request.node.add_report_section("teardown", f"nested {machine.name}", report)
     for machine in reversed(machines):
         await machine.close()
+    if unexpected:
+        pytest.fail("the sanitizer reported guest errors (VSMMU_GUEST_ERROR):\n"
+                    + "\n".join(unexpected), pytrace=False)

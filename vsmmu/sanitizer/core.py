@@ -215,6 +215,13 @@ class Sanitizer(SmmuObserver):
             self._generation += 1
             self.on_pending_sync(self._generation)
 
+    def reset(self) -> None:
+        """Device reset: the entries seen before belong to a guest that is gone."""
+        self._ste_seen.clear()
+        self._cd_seen.clear()
+        self._dma_seen.clear()
+        self._unsynced = None
+
     def _command(self, index: int, dw0: int, dw1: int) -> None:
         res0 = command_res0_bits(dw0, dw1)
         if any(res0):
@@ -235,9 +242,13 @@ class Sanitizer(SmmuObserver):
                 first, last = cfgi_ste_range_sids(first, range_)
                 if range_ == CFGI_ALL_RANGE:
                     first = 0
+            # CFGI_ALL is what a driver issues when it (re)initialises its tables: what it
+            # finds is a new baseline, not an update of the entries seen before.
+            check = not (opcode == CmdOpcode.CFGI_STE_RANGE
+                         and CMD.RANGE.get(dw1) == CFGI_ALL_RANGE)
             for stream in self.translator.streams():
                 if first <= stream.sid <= last:
-                    self._observe_entries(stream.sid, index, check=True)
+                    self._observe_entries(stream.sid, index, check=check)
         elif opcode == CmdOpcode.CFGI_CD or opcode == CmdOpcode.CFGI_CD_ALL:
             sid = CMD.SID.get(dw0)
             if self.translator.stream(sid) is not None:

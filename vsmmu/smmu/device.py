@@ -264,6 +264,8 @@ class SmmuV3:
         self.irq.set_level(False)
         logger.info("%s: reset", self.name)
         self.sink.reset()
+        if self.observer is not None:
+            self.observer.reset()
 
     # -------------------------------------------------------------------- MMIO
 

@@ -1,8 +1,8 @@
 """The device model's observer hook: what a checker (the sanitizer) hears from :class:`SmmuV3`.
 
 The model holds at most one observer (``SmmuV3.observer``, None by default)
-and calls it only at the end of a command-queue consume and when an event
-record is lost to a full queue, so the hook costs one attribute test per
+and calls it only at the end of a command-queue consume, when an event
+record is lost to a full queue and on a device reset, so the hook costs one attribute test per
 CMDQ_PROD write when nobody listens, and nothing per command.
 """
 
@@ -25,3 +25,7 @@ class SmmuObserver(abc.ABC):
     @abc.abstractmethod
     def event_queue_full(self, record: bytes) -> None:
         """``record`` was lost: the guest's event queue was full."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """The device was reset: whatever the guest configured before is gone."""

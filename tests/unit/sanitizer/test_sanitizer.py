@@ -253,3 +253,20 @@ def test_off_costs_nothing_and_reports_nothing(rig: Rig) -> None:
     map_page(rig, IOVA, PAGE_B)
     rig.driver.issue(encode_command(CmdOpcode.TLBI_NH_ALL), sync=False)
     assert rig.reports == [] and rig.idle == []
+
+
+def test_a_reset_and_cfgi_all_start_a_new_baseline(rig: Rig) -> None:
+    install_s1(rig)
+    # What the guest left unfinished before a reset is not held against the next one.
+    rig.driver.issue(encode_command(CmdOpcode.TLBI_NH_ASID, asid=ASID), sync=False)
+    rig.smmu.reset()
+    rig.sanitizer.queue_idle()
+    rig.ram.write(rig.driver.ste_address(SID), Ste(v=1, config=SteConfig.BYPASS,
+                                                   shcfg=1).encode())
+    rig.driver.probe()
+    rig.driver.reset()
+    # Nor is what a driver finds when it issues CFGI_ALL to (re)initialise.
+    rig.ram.write(rig.driver.ste_address(SID), s1_ste(s1cir=1).encode())
+    from vsmmu.arch.commands import encode_cfgi_all
+    rig.driver.issue(encode_cfgi_all())
+    assert rig.reports == []
