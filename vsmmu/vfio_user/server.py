@@ -1,10 +1,11 @@
 """The vfio-user server: one listening unix socket per PCI function.
 
 :class:`VfioUserServer` accepts one client at a time on its socket path and
-runs a connection: a single reader task receives messages in order, hands
-each request to the :class:`~vsmmu.vfio_user.session.Session` and sends the
-reply before reading the next (so posted writes are processed in order), and
-routes replies to the server's own DMA_READ/DMA_WRITE requests.  When the
+runs a connection: the event loop's reader callback on the socket (no task
+or future per message) receives the messages in order, hands each request
+to the :class:`~vsmmu.vfio_user.session.Session` and queues its reply before
+reading the next (so posted writes take effect in order), and routes replies
+to the server's own DMA_READ/DMA_WRITE requests.  When the
 client goes away (or breaks the framing) the device is detached — eventfds
 closed, DMA maps unmapped, config space reset — and the next client may
 connect.  Several servers share one event loop.

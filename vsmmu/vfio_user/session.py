@@ -19,13 +19,12 @@ import struct
 from collections.abc import Callable
 
 from vsmmu.vfio_user import uapi
-from vsmmu.vfio_user.device import IrqSet, PciFunction
+from vsmmu.vfio_user.device import BarRegion, IrqSet, PciFunction
 from vsmmu.vfio_user.messages import (
     CommandError,
     Message,
     close_fds,
     error_reply_to,
-    reply_to,
 )
 
 logger = logging.getLogger(__name__)
@@ -33,18 +32,19 @@ trace = logging.getLogger(__name__ + ".trace")
 
 _Handler = Callable[["Session", Message], bytes]
 
-# Plain ints for the BAR fast path (enum members are slow to read and to combine).
-_REGION_READ = int(uapi.Command.REGION_READ)
-_REGION_WRITE = int(uapi.Command.REGION_WRITE)
-_BAR_ACCESS = frozenset({_REGION_READ, _REGION_WRITE})
+# Plain ints on the request path: every trapped guest register access passes here,
+# and enum members are slow to read and to combine.
+_VERSION = int(uapi.Command.VERSION)
 _REQUEST = int(uapi.MSG_TYPE_REQUEST)
-_POSTED = _REQUEST | int(uapi.MsgFlag.NO_REPLY)
-_WRITE_FLAGS = frozenset({_REQUEST, _POSTED})
+_NO_REPLY = int(uapi.MsgFlag.NO_REPLY)
+_REQUEST_FLAGS = frozenset({_REQUEST, _REQUEST | _NO_REPLY})
+"""The only flags a request may carry."""
 _REPLY = int(uapi.MSG_TYPE_REPLY)
+_CONFIG = int(uapi.PciRegion.CONFIG)
+_DEBUG = logging.DEBUG
 _REGION_RW_SIZE = uapi.REGION_RW.size
 _REGION_RW_UNPACK = uapi.REGION_RW.unpack_from
-_NOT_FAST = Message(0, 0, 0)
-"""Returned by the BAR fast path for a request the generic path must handle."""
+_COMMAND_NAMES = {int(command): command.name for command in uapi.Command}
 
 
 def _unpack(layout: struct.Struct, message: Message) -> tuple[int, ...]:
@@ -55,6 +55,12 @@ def _unpack(layout: struct.Struct, message: Message) -> tuple[int, ...]:
             f"expected at least {layout.size}",
         )
     return layout.unpack_from(message.payload)
+
+
+def _refuse_flags(flags: int) -> None:
+    if flags & ~uapi.MSG_KNOWN_FLAGS or flags & uapi.MsgFlag.ERROR:
+        raise CommandError(errno.EINVAL, f"request flags {flags:#x}: unknown bits")
+    raise CommandError(errno.EINVAL, f"message type {flags:#x}: not a request")
 
 
 def _no_fds(message: Message) -> None:
@@ -79,6 +85,7 @@ class Session:
         self.stats: collections.Counter[str] = collections.Counter()
         #: Descriptors the next reply carries (a region's mmap fd), owned by the function.
         self._lent_fds: list[int] = []
+        self._tracing = False  # the trace logger's DEBUG, read once per request
 
     @property
     def max_message_size(self) -> int:
@@ -86,108 +93,54 @@ class Session:
         return self.max_xfer + uapi.MAX_FIXED_PART
 
     def handle(self, message: Message) -> Message | None:
-        """Process one request; return its reply, or None when none is due."""
-        if (message.command in _BAR_ACCESS and self.negotiated and not message.fds
-                and not trace.isEnabledFor(logging.DEBUG)):
-            reply = self._bar_access(message)
-            if reply is not _NOT_FAST:
-                return reply
-        trace.debug(
-            "<- %s id=%d flags=%#x len=%d fds=%d",
-            message.command_name,
-            message.msg_id,
-            message.flags,
-            len(message.payload),
-            len(message.fds),
-        )
-        self.stats[message.command_name] += 1
-        if message.no_reply:
-            self.stats["posted"] += 1
-        try:
-            payload = self._dispatch(message)
-        except CommandError as exc:
-            return self._refused(message, exc)
-        except Exception:
-            return self._failed(message)
-        message.close()
-        if message.no_reply:
-            return None
-        reply = reply_to(message, payload)
-        if self._lent_fds:
-            # Lent by the function, which keeps them open: the reply only carries them.
-            reply.fds, self._lent_fds = self._lent_fds, []
-        return reply
+        """Process one request; return its reply, or None when none is due.
 
-    def _refused(self, message: Message, exc: CommandError) -> Message | None:
-        self.stats["refused"] += 1
-        self._lent_fds = []
-        message.close()
-        logger.warning(
-            "vfio-user %s refused (errno %d): %s", message.command_name, exc.errno, exc
-        )
-        return None if message.no_reply else error_reply_to(message, exc.errno)
-
-    def _failed(self, message: Message) -> Message | None:
-        self._lent_fds = []
-        message.close()
-        logger.exception("vfio-user %s failed in the device", message.command_name)
-        return None if message.no_reply else error_reply_to(message, errno.EIO)
-
-    def _bar_access(self, message: Message) -> Message | None:
-        """REGION_READ/REGION_WRITE of a BAR without the generic dispatch: the guest's
-        register accesses (one per trapped vCPU load/store) take this path.
-
-        Returns :data:`_NOT_FAST` for anything but a well-formed, in-bounds BAR
-        access, before touching the device, so the generic path then handles
-        (and refuses) it exactly as before.
+        The one path for every request, register accesses included: counted
+        once, checked, handed to its command's handler, answered (or, for
+        NO_REPLY, not) here.
         """
-        payload = message.payload
         command = message.command
         flags = message.flags
-        if len(payload) < _REGION_RW_SIZE:
-            return _NOT_FAST
-        offset, region, count = _REGION_RW_UNPACK(payload)
-        bar = self.device.bars.get(region)
-        if (bar is None or count > self.max_xfer or offset + count > bar.size
-                or region >= uapi.PCI_NUM_REGIONS):
-            return _NOT_FAST
-        if command == _REGION_READ:
-            if flags != _REQUEST or len(payload) != _REGION_RW_SIZE:
-                return _NOT_FAST
-            self.stats["REGION_READ"] += 1
-            try:
-                value = bar.read(offset, count)
-            except Exception:
-                return self._failed(message)
-            data = value.to_bytes(count, "little") if isinstance(value, int) else bytes(value)
-            if len(data) != count:
-                return self._refused(message, CommandError(
-                    errno.EIO, f"BAR{region} read handler gave {len(data)} bytes, not {count}"))
-            return Message(message.msg_id, command, _REPLY, 0, payload + data)
-        if flags not in _WRITE_FLAGS or len(payload) != _REGION_RW_SIZE + count:
-            return _NOT_FAST
-        self.stats["REGION_WRITE"] += 1
-        posted = flags == _POSTED
+        name = _COMMAND_NAMES.get(command) or message.command_name
+        self._tracing = trace.isEnabledFor(_DEBUG)
+        if self._tracing:
+            trace.debug("<- %s id=%d flags=%#x len=%d fds=%d", name, message.msg_id, flags,
+                        len(message.payload), len(message.fds))
+        stats = self.stats
+        stats[name] += 1
+        posted = flags & _NO_REPLY
         if posted:
-            self.stats["posted"] += 1
+            stats["posted"] += 1
         try:
-            bar.write(offset, payload[_REGION_RW_SIZE:])
+            if flags not in _REQUEST_FLAGS:
+                _refuse_flags(flags)
+            handler = _HANDLERS.get(command)
+            if handler is None:
+                raise CommandError(errno.ENOSYS, f"{name}: not a server command")
+            if not self.negotiated and command != _VERSION:
+                raise CommandError(errno.EINVAL, f"{name} before VERSION")
+            payload = handler(self, message)
+            error = 0
+        except CommandError as exc:
+            stats["refused"] += 1
+            logger.warning("vfio-user %s refused (errno %d): %s", name, exc.errno, exc)
+            error = exc.errno
         except Exception:
-            return self._failed(message)
-        return None if posted else Message(message.msg_id, command, _REPLY, 0,
-                                           payload[:_REGION_RW_SIZE])
-
-    def _dispatch(self, message: Message) -> bytes:
-        if message.flags & ~uapi.MSG_KNOWN_FLAGS or message.flags & uapi.MsgFlag.ERROR:
-            raise CommandError(errno.EINVAL, f"request flags {message.flags:#x}: unknown bits")
-        if message.flags & uapi.MSG_TYPE_MASK != uapi.MSG_TYPE_REQUEST:
-            raise CommandError(errno.EINVAL, f"message type {message.flags:#x}: not a request")
-        handler = _HANDLERS.get(message.command)
-        if handler is None:
-            raise CommandError(errno.ENOSYS, f"{message.command_name}: not a server command")
-        if not self.negotiated and message.command != uapi.Command.VERSION:
-            raise CommandError(errno.EINVAL, f"{message.command_name} before VERSION")
-        return handler(self, message)
+            logger.exception("vfio-user %s failed in the device", name)
+            error = errno.EIO
+        if message.fds:
+            message.close()
+        lent = self._lent_fds
+        if lent:
+            # Lent by the function, which keeps them open: only a success reply carries them.
+            self._lent_fds = []
+        if posted:
+            return None
+        if error:
+            return error_reply_to(message, error)
+        if lent:
+            return Message(message.msg_id, command, _REPLY, 0, payload, lent)
+        return Message(message.msg_id, command, _REPLY, 0, payload)
 
     # -- VERSION -----------------------------------------------------------
 
@@ -354,11 +307,19 @@ class Session:
 
     # -- regions -----------------------------------------------------------
 
-    def _region_bounds(self, name: str, region: int, offset: int, count: int) -> int:
-        if region >= uapi.PCI_NUM_REGIONS:
+    def _region(self, name: str, region: int, offset: int, count: int) -> BarRegion | None:
+        """Check one access to a region: its BAR, or None for config space.
+
+        Every region access (read, write, write-multi) is bounded here.
+        """
+        bar = self.device.bars.get(region)
+        if bar is not None:
+            size = bar.size
+        elif region >= uapi.PCI_NUM_REGIONS:
             raise CommandError(errno.EINVAL, f"{name} region {region}: expected < 9")
-        size = self.device.region_size(region)
-        if size == 0:
+        elif region == _CONFIG:
+            size = self.device.region_size(region)
+        else:
             raise CommandError(errno.EINVAL, f"{name} region {region}: not implemented")
         if count > self.max_xfer:
             raise CommandError(errno.E2BIG, f"{name} count {count}: max {self.max_xfer}")
@@ -367,48 +328,50 @@ class Session:
                 errno.EINVAL,
                 f"{name} region {region} offset {offset:#x} count {count}: size is {size:#x}",
             )
-        return size
+        return bar
 
     def _region_read(self, message: Message) -> bytes:
-        _no_fds(message)
-        offset, region, count = _unpack(uapi.REGION_RW, message)
-        self._region_bounds("REGION_READ", region, offset, count)
-        data = self._read(region, offset, count)
-        return uapi.REGION_RW.pack(offset, region, count) + data
-
-    def _read(self, region: int, offset: int, count: int) -> bytes:
-        if region == uapi.PciRegion.CONFIG:
+        payload = message.payload
+        if message.fds or len(payload) < _REGION_RW_SIZE:
+            _no_fds(message)
+            _unpack(uapi.REGION_RW, message)
+        offset, region, count = _REGION_RW_UNPACK(payload)
+        bar = self._region("REGION_READ", region, offset, count)
+        if bar is None:
             data = self.device.config_read(offset, count)
         else:
-            value = self.device.bars[region].read(offset, count)
+            value = bar.read(offset, count)
             data = value.to_bytes(count, "little") if isinstance(value, int) else bytes(value)
             if len(data) != count:
                 raise CommandError(
                     errno.EIO, f"BAR{region} read handler gave {len(data)} bytes, not {count}"
                 )
-        if trace.isEnabledFor(logging.DEBUG):
+        if self._tracing:
             trace.debug("region %d read %#x/%d -> %s", region, offset, count, data.hex())
-        return data
+        return payload[:_REGION_RW_SIZE] + data
 
-    def _write(self, region: int, offset: int, data: bytes) -> None:
-        if trace.isEnabledFor(logging.DEBUG):
+    def _write(self, bar: BarRegion | None, region: int, offset: int, data: bytes) -> None:
+        if self._tracing:
             trace.debug("region %d write %#x/%d <- %s", region, offset, len(data), data.hex())
-        if region == uapi.PciRegion.CONFIG:
+        if bar is None:
             self.device.config_write(offset, data)
         else:
-            self.device.bars[region].write(offset, data)
+            bar.write(offset, data)
 
     def _region_write(self, message: Message) -> bytes:
-        _no_fds(message)
-        offset, region, count = _unpack(uapi.REGION_RW, message)
-        data = message.payload[uapi.REGION_RW.size :]
+        payload = message.payload
+        if message.fds or len(payload) < _REGION_RW_SIZE:
+            _no_fds(message)
+            _unpack(uapi.REGION_RW, message)
+        offset, region, count = _REGION_RW_UNPACK(payload)
+        data = payload[_REGION_RW_SIZE:]
         if len(data) != count:
             raise CommandError(
                 errno.EINVAL, f"REGION_WRITE count {count}: {len(data)} data bytes follow"
             )
-        self._region_bounds("REGION_WRITE", region, offset, count)
-        self._write(region, offset, data)
-        return uapi.REGION_RW.pack(offset, region, count)
+        bar = self._region("REGION_WRITE", region, offset, count)
+        self._write(bar, region, offset, data)
+        return payload[:_REGION_RW_SIZE]
 
     def _region_write_multi(self, message: Message) -> bytes:
         _no_fds(message)
@@ -428,8 +391,8 @@ class Session:
         for offset, region, count, data in writes:
             if count > uapi.WRITE_MULTI_DATA:
                 raise CommandError(errno.EINVAL, f"REGION_WRITE_MULTI count {count}: max 8")
-            self._region_bounds("REGION_WRITE_MULTI", region, offset, count)
-            self._write(region, offset, data[:count])
+            bar = self._region("REGION_WRITE_MULTI", region, offset, count)
+            self._write(bar, region, offset, data[:count])
         return b""
 
     # -- the rest ----------------------------------------------------------
