@@ -508,6 +508,10 @@ VEVENT_HEADER_SIZE: Final = ctypes.sizeof(IommufdVeventHeader)
 VEVENT_ARM_SMMUV3_SIZE: Final = ctypes.sizeof(IommuVeventArmSmmuv3)
 ARM_INVALIDATE_ENTRY_SIZE: Final = ctypes.sizeof(IommuViommuArmSmmuv3Invalidate)
 VSTE_SIZE: Final = ctypes.sizeof(IommuHwptArmSmmuv3)
+ATC_INV_SIZE_ALL: Final = 52
+"""``ATC_INV_SIZE_ALL`` (arm-smmu-v3.h): an ATC_INV Size above it is refused (EIO)."""
+HWPT_INVALIDATE_ENTRY_NUM_MAX: Final = 1 << 19
+"""``IOMMU_HWPT_INVALIDATE_ENTRY_NUM_MAX`` (hw_pagetable.c): more entries are EINVAL."""
 VSTE_WORD0_ALLOWED: Final = (STE.V.inplace_mask | STE.CONFIG.inplace_mask
                              | STE.S1FMT.inplace_mask | STE.S1CONTEXTPTR.inplace_mask
                              | STE.S1CDMAX.inplace_mask)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import logging
+import select
 import socket
 import struct
 import termios
@@ -91,6 +92,12 @@ class SimVeventQueue:
                 self._send(uapi.VeventqFlag.LOST_EVENTS, b"", True)
             return
         self.delivered += 1
+
+    def reader_open(self) -> bool:
+        """True while the reader's fd is open (the kernel counts it as a user of the queue)."""
+        poller = select.poll()
+        poller.register(self._writer, select.POLLOUT)
+        return not any(mask & (select.POLLHUP | select.POLLERR) for _, mask in poller.poll(0))
 
     def close(self) -> None:
         """Close the sim's end; the reader sees EOF once it has drained the queue."""

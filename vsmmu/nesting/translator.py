@@ -413,13 +413,14 @@ class NestingTranslator:
             doomed.append(guest.veventq.id)
         doomed += guest.vdevices
         doomed += [i for i in (guest.viommu, guest.s2_hwpt) if i is not None]
+        if guest.veventq is not None:
+            # The open fd holds the vEVENTQ (the kernel's DESTROY says EBUSY until it closes).
+            os.close(guest.veventq.fd)
         for obj_id in doomed:
             try:
                 be.destroy(obj_id)
             except IommufdError as exc:
                 logger.error("iommufd object %d not destroyed: %s", obj_id, exc)
-        if guest.veventq is not None:
-            os.close(guest.veventq.fd)
         if self.trace:
             logger.info("iommufd: destroyed guest objects %s", doomed)
 

@@ -61,19 +61,28 @@ def tlb_entry(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
 
 @st.composite
 def command(draw: st.DrawFn) -> tuple[int, int]:
-    # Mostly allowed ones (a refused command ends the batch), sometimes anything.
+    """A command with the fields the kernel lets its opcode carry (arm_vsmmu_validate_user_cmd
+    refuses any other bit, tested against the kernel by the conformance suite); mostly
+    allowed opcodes (a refused one ends the batch), sometimes any opcode."""
     opcode = draw(st.sampled_from(sorted(ALLOWED_INVALIDATIONS))
                   if draw(st.integers(0, 7)) else st.integers(0, CMD.OPCODE.mask))
     w0 = CMD.OPCODE.place(opcode)
+    w1 = 0
     # SID and ASID share dw0's top bits: a command carries the one its format has.
     if opcode in _BY_STREAM:
         w0 |= CMD.SID.place(draw(st.sampled_from([VSID, VSID + 1])))
-    else:
+    elif opcode in (CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_ASID):
         w0 |= CMD.ASID.place(draw(st.sampled_from(ASIDS)))
-    w0 |= CMD.NUM.place(draw(st.integers(0, CMD.NUM.mask)))
-    w0 |= CMD.SCALE.place(draw(st.integers(0, CMD.SCALE.mask)))
-    w1 = CMD.VA.place(draw(st.integers(0, PAGES)) << TLB_PAGE_SHIFT)
-    w1 |= CMD.TG.place(draw(st.integers(0, CMD.TG.mask)))
+    if opcode in (CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA):
+        w1 = CMD.VA.place(draw(st.integers(0, PAGES)) << TLB_PAGE_SHIFT)
+        tg = draw(st.integers(0, CMD.TG.mask))
+        if tg:
+            # A range needs NUM/SCALE or a TTL; TTL 1 with 16K granules needs DS.
+            num, scale = draw(st.integers(0, CMD.NUM.mask)), draw(st.integers(0, CMD.SCALE.mask))
+            ttl = draw(st.integers(0 if num or scale else 1, CMD.TTL.mask))
+            ttl = 2 if (tg, ttl) == (2, 1) else ttl
+            w0 |= CMD.NUM.place(num) | CMD.SCALE.place(scale)
+            w1 |= CMD.TG.place(tg) | CMD.TTL.place(ttl)
     return w0, w1
 
 

@@ -8,7 +8,7 @@
 """
 
 from vsmmu.iommufd.sim.backend import SimIommufd
-from vsmmu.iommufd.sim.host import HostPersonality, validate_vste
+from vsmmu.iommufd.sim.host import QEMU_SMMUV3, HostPersonality, validate_vste
 from vsmmu.iommufd.sim.iotlb import TLB_PAGE_SHIFT, TLB_PAGE_SIZE, Iotlb, TlbEntry
 from vsmmu.iommufd.sim.objects import (
     IoasMap,
@@ -25,6 +25,7 @@ from vsmmu.iommufd.sim.physical_smmu import ALLOWED_INVALIDATIONS, DmaFault, Phy
 
 __all__ = [
     "ALLOWED_INVALIDATIONS",
+    "QEMU_SMMUV3",
     "TLB_PAGE_SHIFT",
     "TLB_PAGE_SIZE",
     "DmaFault",

@@ -42,11 +42,22 @@ from vsmmu.iommufd.backend import (
     check_invalidation_words,
 )
 from vsmmu.iommufd.sim.host import HostPersonality, validate_vste
-from vsmmu.iommufd.sim.invalidate import copy_entries, invalidation_target, lay_out_entries
+from vsmmu.iommufd.sim.invalidate import (
+    copy_entries,
+    first_refused,
+    invalidation_target,
+    lay_out_entries,
+)
+from vsmmu.iommufd.sim.ioas import (
+    check_domain_addable,
+    check_map_header,
+    iova_alignment,
+    map_into,
+    unmap_from,
+)
 from vsmmu.iommufd.sim.ioctl import IoctlTarget, decode_ioctl
 from vsmmu.iommufd.sim.iotlb import TLB_PAGE_MASK, TLB_PAGE_SHIFT, TLB_PAGE_SIZE
 from vsmmu.iommufd.sim.objects import (
-    IoasMap,
     SimDevice,
     SimHwptNested,
     SimHwptPaging,
@@ -64,8 +75,8 @@ log = logging.getLogger(__name__)
 
 _O = TypeVar("_O", bound=SimObject)
 
-PAGE_SIZE = 4096
-"""The host's PAGE_SIZE: IOAS_MAP/UNMAP alignment (out_iova_alignment)."""
+VEVENTQ_MAX_DEPTH = 1 << 19
+"""``VEVENTQ_MAX_DEPTH`` of drivers/iommu/iommufd/eventq.c: an arbitrary kernel bound."""
 
 
 class SimIommufd(IoctlTarget):
@@ -154,6 +165,8 @@ class SimIommufd(IoctlTarget):
         info.iidr = p.iidr
         info.aidr = p.aidr
         caps = uapi.HwCapabilities(0)
+        if not p.ats:
+            caps |= uapi.HwCapabilities.PCI_ATS_NOT_SUPPORTED
         return HwInfo(uapi.HwInfoType.ARM_SMMUV3, info.to_bytes(), caps, p.max_pasid_log2)
 
     # --- IOAS ---
@@ -172,76 +185,33 @@ class SimIommufd(IoctlTarget):
         iova: int | None = None,
         flags: uapi.IoasMapFlags = uapi.IoasMapFlags.READABLE | uapi.IoasMapFlags.WRITEABLE,
     ) -> int:
-        """``IOMMU_IOAS_MAP``: EINVAL for unaligned/empty, EEXIST for overlap."""
-        op = "IOAS_MAP"
+        """``IOMMU_IOAS_MAP`` (see :mod:`.ioas` for the checks and their order)."""
         if iova is not None:
             flags |= uapi.IoasMapFlags.FIXED_IOVA
-        known = uapi.IoasMapFlags.FIXED_IOVA | uapi.IoasMapFlags.READABLE
-        if int(flags) & ~int(known | uapi.IoasMapFlags.WRITEABLE):
-            raise _err(errno.EOPNOTSUPP, op, f"flags {flags:#x}: unknown bits")
-        ioas = self._ioas(ioas_id, op)
-        length = mapping.length
-        if length <= 0 or length % PAGE_SIZE or mapping.offset % PAGE_SIZE:
-            raise _err(errno.EINVAL, op, f"length {length:#x}: expected a non-zero page multiple")
-        if not flags & (uapi.IoasMapFlags.READABLE | uapi.IoasMapFlags.WRITEABLE):
-            raise _err(errno.EINVAL, op, "flags: expected READABLE and/or WRITEABLE")
-        if iova is None:
-            iova = PAGE_SIZE
-            for m in sorted(ioas.maps, key=lambda m: m.iova):
-                if iova + length <= m.iova:
-                    break
-                iova = max(iova, m.iova + m.length)
-        if iova % PAGE_SIZE:
-            raise _err(errno.EINVAL, op, f"iova {iova:#x}: expected {PAGE_SIZE:#x} alignment")
-        if iova + length - 1 > uapi.U64_MAX:
-            raise _err(errno.EOVERFLOW, op, f"iova {iova:#x} + length {length:#x} overflows")
-        for m in ioas.maps:
-            if iova < m.iova + m.length and m.iova < iova + length:
-                raise _err(
-                    errno.EEXIST,
-                    op,
-                    f"[{iova:#x}, {iova + length:#x}) overlaps [{m.iova:#x}, "
-                    f"{m.iova + m.length:#x}) of IOAS {ioas_id}",
-                )
-        ioas.maps.append(IoasMap(iova, length, mapping, flags))
+        check_map_header(int(flags), iova or 0, mapping.length)
+        ioas = self._ioas(ioas_id, "IOAS_MAP")
+        iova = map_into(ioas, self._domains(ioas), mapping, iova, flags)
         self.smmu.flush_stage2(ioas)
         return iova
 
+    def _domains(self, ioas: SimIoas) -> int:
+        """Paging domains on ``ioas`` (each paging HWPT adds one, ``iopt_table_add_domain``)."""
+        return sum(1 for o in self._objects.values()
+                   if isinstance(o, SimHwptPaging) and o.ioas is ioas)
+
     def ioas_unmap(self, ioas_id: int, iova: int, length: int) -> int:
-        """``IOMMU_IOAS_UNMAP``: whole mappings only; ENOENT if nothing was mapped."""
-        op = "IOAS_UNMAP"
-        ioas = self._ioas(ioas_id, op)
-        if iova == 0 and length == uapi.U64_MAX:
-            last = uapi.U64_MAX
-        else:
-            if length == 0 or iova % PAGE_SIZE or length % PAGE_SIZE:
-                raise _err(errno.EINVAL, op, f"iova {iova:#x} length {length:#x}: not page aligned")
-            last = iova + length - 1
-        unmapped = 0
-        keep: list[IoasMap] = []
-        for m in ioas.maps:
-            m_last = m.iova + m.length - 1
-            if m.iova > last or m_last < iova:
-                keep.append(m)
-            elif m.iova >= iova and m_last <= last:
-                unmapped += m.length
-            else:
-                # iopt_unmap_iova_range refuses to split an area.
-                raise _err(
-                    errno.ENOENT,
-                    op,
-                    f"[{iova:#x}, {last:#x}] would split mapping [{m.iova:#x}, {m_last:#x}]",
-                )
-        if not unmapped:
-            raise _err(errno.ENOENT, op, f"nothing mapped in [{iova:#x}, {last:#x}]")
-        ioas.maps = keep
-        self.smmu.flush_stage2(ioas)
-        return unmapped
+        """``IOMMU_IOAS_UNMAP``: whole mappings only, in IOVA order (see :mod:`.ioas`)."""
+        ioas = self._ioas(ioas_id, "IOAS_UNMAP")
+        try:
+            return unmap_from(ioas, iova, length)
+        finally:
+            # Even a failing unmap may have removed the mappings before the one it refused.
+            self.smmu.flush_stage2(ioas)
 
     def ioas_iova_ranges(self, ioas_id: int) -> tuple[list[tuple[int, int]], int]:
-        """``IOMMU_IOAS_IOVA_RANGES``: the whole 64-bit space, page alignment."""
-        self._ioas(ioas_id, "IOAS_IOVA_RANGES")
-        return [(0, uapi.U64_MAX)], PAGE_SIZE
+        """``IOMMU_IOAS_IOVA_RANGES``: the whole 64-bit space; alignment 1 until a domain."""
+        ioas = self._ioas(ioas_id, "IOAS_IOVA_RANGES")
+        return [(0, uapi.U64_MAX)], iova_alignment(self._domains(ioas))
 
     # --- HWPT ---
 
@@ -291,6 +261,7 @@ class SimIommufd(IoctlTarget):
         nest_parent = bool(flags & uapi.HwptAllocFlags.NEST_PARENT)
         if nest_parent and not self.personality.nesting:
             raise _err(errno.EOPNOTSUPP, op, "NEST_PARENT: the host SMMU has no nesting")
+        check_domain_addable(ioas, self._domains(ioas))
         hwpt = SimHwptPaging(self._alloc_id(), ioas=ioas, vmid=self._take_vmid(),
                              nest_parent=nest_parent)
         ioas.users += 1
@@ -314,11 +285,11 @@ class SimIommufd(IoctlTarget):
             raise _err(errno.EOPNOTSUPP, op, f"nested flags {flags:#x}: expected 0")
         if data_type != uapi.HwptDataType.ARM_SMMUV3:
             raise _err(errno.EINVAL, op, f"data_type {data_type}: expected ARM_SMMUV3")
-        if data_len < uapi.VSTE_SIZE:
-            raise _err(errno.EINVAL, op, f"data_len {data_len}: expected >= {uapi.VSTE_SIZE}")
+        if data_len != uapi.VSTE_SIZE:
+            # __iommu_copy_struct_from_user: shorter than the first version, or longer than
+            # the kernel's struct (zero tail or not), is EINVAL.
+            raise _err(errno.EINVAL, op, f"data_len {data_len}: expected {uapi.VSTE_SIZE}")
         words = [*vste, 0, 0][:2]
-        if any(vste[2:]):
-            raise _err(errno.E2BIG, op, f"data_len {data_len}: non-zero bytes past the vSTE")
         stored, enable_ats = validate_vste(words, self.personality.ats_in_nested, op)
         hwpt = SimHwptNested(self._alloc_id(), viommu=viommu, ste=stored, enable_ats=enable_ats)
         viommu.users += 1
@@ -334,6 +305,7 @@ class SimIommufd(IoctlTarget):
             for obj in self._objects.values():
                 if isinstance(obj, SimHwptPaging) and obj.auto and obj.ioas is pt:
                     return obj
+            check_domain_addable(pt, self._domains(pt))
             auto = SimHwptPaging(self._alloc_id(), ioas=pt, vmid=self._take_vmid(), auto=True)
             pt.users += 1
             return self._add(auto)
@@ -377,11 +349,14 @@ class SimIommufd(IoctlTarget):
         self.device_attach(dev_id, pt_id)
 
     def device_detach(self, dev_id: int) -> None:
-        """Detach ``dev_id``: its DMA is blocked afterwards."""
+        """Detach ``dev_id``: its DMA is blocked afterwards; detaching nothing is a no-op.
+
+        (vfio_iommufd_physical_detach_ioas returns quietly when nothing is attached.)
+        """
         op = "DETACH_IOMMUFD_PT"
         dev = self._device(dev_id, op)
         if dev.hwpt is None:
-            raise _err(errno.EINVAL, op, f"dev {dev_id}: not attached")
+            return
         old = dev.hwpt
         dev.hwpt = None
         self._release_hwpt(old)
@@ -451,7 +426,7 @@ class SimIommufd(IoctlTarget):
         if entry_len == uapi.ARM_INVALIDATE_ENTRY_SIZE:
             viommu = invalidation_target(self._objects.get(id_), id_, len(entries), data_type,
                                          entry_len)
-            return self.smmu.invalidate_batch(viommu, entries, op)
+            return self._invalidate_checked(viommu, entries, op)
         array = lay_out_entries(entries, entry_len)
         return self.invalidate_array(id_, array, len(entries), data_type, entry_len)
 
@@ -461,7 +436,18 @@ class SimIommufd(IoctlTarget):
         """The invalidation core of the typed method and the raw ioctl (``entry_len`` each)."""
         op = "HWPT_INVALIDATE"
         viommu = invalidation_target(self._objects.get(id_), id_, entry_num, data_type, entry_len)
-        return self.smmu.invalidate_batch(viommu, copy_entries(array, entry_num, entry_len), op)
+        return self._invalidate_checked(viommu, copy_entries(array, entry_num, entry_len), op)
+
+    def _invalidate_checked(self, viommu: SimViommu, entries: Sequence[InvalidationCommand],
+                            op: str) -> int:
+        """Run ``entries`` up to the first one the host's command check refuses (EIO there)."""
+        refused = first_refused(entries, self.personality, op)
+        if refused is None:
+            return self.smmu.invalidate_batch(viommu, entries, op)
+        index, exc = refused
+        self.smmu.invalidate_batch(viommu, entries[:index], op)
+        exc.handled = index
+        raise exc
 
     # --- vEVENTQ ---
 
@@ -476,8 +462,8 @@ class SimIommufd(IoctlTarget):
         op = "VEVENTQ_ALLOC"
         if flags or type_ == uapi.VeventqType.DEFAULT:
             raise _err(errno.EOPNOTSUPP, op, f"flags {flags:#x} type {type_}")
-        if not depth:
-            raise _err(errno.EINVAL, op, "veventq_depth 0")
+        if not depth or depth > VEVENTQ_MAX_DEPTH:
+            raise _err(errno.EINVAL, op, f"veventq_depth {depth}: expected 1..{VEVENTQ_MAX_DEPTH}")
         viommu = self._viommu(viommu_id, op)
         if viommu.veventq is not None:
             raise _err(errno.EEXIST, op, f"vIOMMU {viommu_id}: already vEVENTQ {viommu.veventq.id}")
@@ -548,6 +534,8 @@ class SimIommufd(IoctlTarget):
             raise _err(errno.EBUSY, op, f"dev {obj_id}: devices are unbound, not destroyed")
         if obj.users:
             raise _err(errno.EBUSY, op, f"{obj.type.value} {obj_id}: {obj.users} user(s)")
+        if isinstance(obj, SimVeventq) and obj.queue.reader_open():
+            raise _err(errno.EBUSY, op, f"vEVENTQ {obj_id}: its fd is still open")
         self._destroy_obj(obj)
 
     def _destroy_obj(self, obj: SimObject) -> None:

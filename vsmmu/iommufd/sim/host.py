@@ -20,7 +20,11 @@ class HostPersonality:
     nesting series, where any EATS≠0 made HWPT_ALLOC fail with EIO);
     ``s2fwb`` / ``canwbs``: without either the kernel refuses a vIOMMU;
     ``range_invalidation``: IDR3.RIL reported; ``idr``/``iidr``/``aidr``: the
-    ID registers GET_HW_INFO returns.
+    ID registers GET_HW_INFO returns; ``ats``: ARM_SMMU_FEAT_ATS (ATC_INV is
+    EIO without it, and GET_HW_INFO reports PCI_ATS_NOT_SUPPORTED);
+    ``asid_bits`` / ``ssid_bits``: the SMMU's ASID and SubstreamID widths;
+    ``ds``: ARM_SMMU_FEAT_DS (16K-granule TTL=1 and SCALE[5] in range TLBIs).
+    :data:`QEMU_SMMUV3` is the host the lane's kernel runs on.
     """
 
     nesting: bool = True
@@ -32,6 +36,15 @@ class HostPersonality:
     iidr: int = 0
     aidr: int = 0
     max_pasid_log2: int = 0
+    ats: bool = True
+    asid_bits: int = 16
+    ssid_bits: int = 20
+    ds: bool = False
+
+
+QEMU_SMMUV3 = HostPersonality(s2fwb=False, ats=False, ssid_bits=0)
+"""QEMU 11.1.3's SMMUv3 under the host lane's kernel: nesting, range invalidation,
+16-bit ASIDs, CANWBS from the upgraded IORT; no S2FWB, no ATS, no substreams, no DS."""
 
 
 def validate_vste(ste: Sequence[int], ats_in_nested: bool, op: str) -> tuple[tuple[int, int], bool]:

@@ -6,21 +6,34 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
+from vsmmu.arch.commands import CMD, CmdOpcode
+from vsmmu.arch.fields import Field
 from vsmmu.iommufd import uapi
-from vsmmu.iommufd.backend import InvalidationCommand
+from vsmmu.iommufd.backend import InvalidationCommand, IommufdError
+from vsmmu.iommufd.sim.host import HostPersonality
 from vsmmu.iommufd.sim.objects import SimHwptNested, SimObject, SimViommu
 from vsmmu.iommufd.sim.objects import sim_error as _err
 
 _OP = "HWPT_INVALIDATE"
 _ENTRY = uapi.ARM_INVALIDATE_ENTRY_SIZE
 _WORD = _ENTRY // 2
+_PAGE = 4096
+"""The host's PAGE_SIZE: the largest entry_len iommufd_hwpt_invalidate accepts."""
+
+
+def invalidation_bounds(entry_num: int, entry_len: int) -> None:
+    """``iommufd_hwpt_invalidate``'s bounds on a non-empty array: EINVAL outside them."""
+    if entry_num and (entry_len == 0 or entry_len > _PAGE
+                      or entry_num > uapi.HWPT_INVALIDATE_ENTRY_NUM_MAX):
+        raise _err(errno.EINVAL, _OP, f"entry_num {entry_num} entry_len {entry_len}: out of "
+                                      f"bounds (1..{_PAGE} bytes, at most "
+                                      f"{uapi.HWPT_INVALIDATE_ENTRY_NUM_MAX} entries)")
 
 
 def invalidation_target(obj: SimObject | None, id_: int, entry_num: int, data_type: int,
                         entry_len: int) -> SimViommu:
     """The vIOMMU ``id_`` names (``obj``), after the header checks in the kernel's order."""
-    if entry_num and entry_len == 0:
-        raise _err(errno.EINVAL, _OP, "entry_len 0 with a non-empty array")
+    invalidation_bounds(entry_num, entry_len)
     if obj is None:
         raise _err(errno.ENOENT, _OP, f"hwpt_id {id_}: no such object")
     if isinstance(obj, SimHwptNested):
@@ -58,3 +71,79 @@ def lay_out_entries(entries: Sequence[InvalidationCommand], entry_len: int) -> b
         .ljust(entry_len, b"\0")
         for w0, w1 in entries
     )
+
+
+def _range_ok(w0: int, w1: int, host: HostPersonality) -> bool:
+    """``arm_vsmmu_validate_range``: refuse the range encodings the spec calls Reserved."""
+    ranged = CMD.NUM.test(w0) or CMD.SCALE.test(w0)
+    ttl, tg = CMD.TTL.get(w1), CMD.TG.get(w1)
+    if not tg:
+        return not (ranged or ttl)
+    granule_16k, ttl_level_1 = 2, 1
+    if tg == granule_16k and ttl == ttl_level_1 and not host.ds:
+        return False
+    return ranged or bool(ttl)
+
+
+def _mask(*fields: Field) -> int:
+    mask = 0
+    for f in fields:
+        mask |= f.inplace_mask
+    return mask
+
+
+def validate_user_cmd(w0: int, w1: int, host: HostPersonality, op: str = _OP) -> None:
+    """``arm_vsmmu_validate_user_cmd``: EIO for a field the opcode does not allow on this host.
+
+    Each opcode has its set of fields a guest may set (which depends on the
+    host SMMU's ASID and SubstreamID widths, range invalidation, DS and ATS);
+    any other bit (a RES0 bit, SSEC...) would raise CERROR_ILL on the shared
+    queue, so the kernel refuses the command before it gets there.
+    """
+    opcode = CMD.OPCODE.get(w0)
+    allowed0, allowed1 = CMD.OPCODE.inplace_mask, 0
+    asid = CMD.ASID.put(0, (1 << host.asid_bits) - 1)
+    if opcode in (CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA):
+        if opcode == CmdOpcode.TLBI_NH_VA:
+            allowed0 |= asid
+        if host.range_invalidation:
+            if not _range_ok(w0, w1, host):
+                raise _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: reserved range encoding "
+                                          f"{w0:#018x} {w1:#018x}")
+            allowed0 |= _mask(CMD.NUM, CMD.SCALE)
+            allowed1 |= _mask(CMD.TG, CMD.TTL)
+        allowed0 |= CMD.VMID.inplace_mask
+        allowed1 |= _mask(CMD.LEAF, CMD.VA)
+    elif opcode in (CmdOpcode.TLBI_NH_ASID, CmdOpcode.TLBI_NH_ALL):
+        allowed0 |= CMD.VMID.inplace_mask | (asid if opcode == CmdOpcode.TLBI_NH_ASID else 0)
+    elif opcode == CmdOpcode.ATC_INV:
+        if not host.ats:
+            raise _err(errno.EIO, op, "ATC_INV: the host SMMU has no ATS")
+        if CMD.ATC_SIZE.get(w1) > uapi.ATC_INV_SIZE_ALL:
+            raise _err(errno.EIO, op, f"ATC_INV size {CMD.ATC_SIZE.get(w1)}: above "
+                                      f"{uapi.ATC_INV_SIZE_ALL}")
+        if host.ssid_bits:
+            allowed0 |= _mask(CMD.SSV, CMD.SSID, CMD.ATC_GLOBAL)
+        allowed0 |= CMD.SID.inplace_mask
+        allowed1 |= _mask(CMD.ATC_SIZE, CMD.VA)
+    elif opcode in (CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL):
+        if opcode == CmdOpcode.CFGI_CD:
+            allowed0 |= CMD.SSID.inplace_mask if host.ssid_bits else 0
+            allowed1 |= CMD.LEAF.inplace_mask
+        allowed0 |= CMD.SID.inplace_mask
+    elif opcode != CmdOpcode.TLBI_NSNH_ALL:
+        raise _err(errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation")
+    if w0 & ~allowed0 or w1 & ~allowed1:
+        raise _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: bits {w0 & ~allowed0:#018x} "
+                                  f"{w1 & ~allowed1:#018x} not allowed for this opcode")
+
+
+def first_refused(entries: Sequence[InvalidationCommand], host: HostPersonality,
+                  op: str = _OP) -> tuple[int, IommufdError] | None:
+    """The index of the first entry :func:`validate_user_cmd` refuses, and why."""
+    for index, (w0, w1) in enumerate(entries):
+        try:
+            validate_user_cmd(w0, w1, host, op)
+        except IommufdError as exc:
+            return index, exc
+    return None

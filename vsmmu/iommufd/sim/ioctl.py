@@ -16,6 +16,8 @@ from typing import Any
 
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError
+from vsmmu.iommufd.sim.invalidate import invalidation_bounds
+from vsmmu.iommufd.sim.ioas import check_map_header
 from vsmmu.iommufd.sim.objects import sim_error as _err
 
 
@@ -62,10 +64,14 @@ def decode_ioctl(target: IoctlTarget, request: int, buf: bytearray) -> None:
         raise _err(errno.E2BIG, op, f"size {user_size}: non-zero bytes past {kernel_size}")
     given = bytes(buf[: min(user_size, kernel_size)])
     cmd = cls.from_buffer_copy(given.ljust(kernel_size, b"\0"))
+    respond = min(user_size, kernel_size)
     for name, *_ in cls._fields_:
         if name.startswith("reserved") and _nonzero(getattr(cmd, name)):
+            if request == uapi.Ioctl.IOMMU_HWPT_INVALIDATE:
+                # iommufd_hwpt_invalidate reports 0 entries handled on every failure.
+                cmd.entry_num = 0
+                buf[:respond] = cmd.to_bytes()[:respond]
             raise _err(errno.EOPNOTSUPP, op, f"{cls.C_NAME}.{name}: expected 0")
-    respond = min(user_size, kernel_size)
     try:
         handler(target, cmd)
     except IommufdError:
@@ -111,6 +117,8 @@ def _ioctl_ioas_alloc(sim: IoctlTarget, cmd: Any) -> None:
 
 
 def _ioctl_ioas_map(sim: IoctlTarget, cmd: Any) -> None:
+    # The header is judged before the user's memory is touched, as the kernel does.
+    check_map_header(cmd.flags, cmd.iova, cmd.length)
     flags = uapi.IoasMapFlags(cmd.flags)
     fixed = bool(flags & uapi.IoasMapFlags.FIXED_IOVA)
     memory = _user_memory(cmd.user_va, cmd.length, "IOAS_MAP", "user_va")
@@ -137,8 +145,10 @@ def _ioctl_ioas_iova_ranges(sim: IoctlTarget, cmd: Any) -> None:
 
 def _ioctl_hwpt_alloc(sim: IoctlTarget, cmd: Any) -> None:
     data: list[int] | None = None
-    if cmd.data_len:
-        raw = bytes(_user_memory(cmd.data_uptr, cmd.data_len, "HWPT_ALLOC", "data_uptr"))
+    if cmd.data_len and cmd.data_type != uapi.HwptDataType.NONE:
+        # The driver reads at most its own structure (a longer data_len is EINVAL anyway).
+        length = min(cmd.data_len, uapi.VSTE_SIZE)
+        raw = bytes(_user_memory(cmd.data_uptr, length, "HWPT_ALLOC", "data_uptr"))
         raw = raw.ljust(-(-len(raw) // 8) * 8, b"\0")
         data = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8)]
     cmd.out_hwpt_id = sim.hwpt_alloc(
@@ -148,7 +158,8 @@ def _ioctl_hwpt_alloc(sim: IoctlTarget, cmd: Any) -> None:
 
 def _ioctl_get_hw_info(sim: IoctlTarget, cmd: Any) -> None:
     op = "GET_HW_INFO"
-    if cmd.flags & ~uapi.HwInfoFlags.INPUT_TYPE:
+    # ~ of an IntFlag keeps only its defined bits, so the mask is taken on the int.
+    if cmd.flags & ~int(uapi.HwInfoFlags.INPUT_TYPE):
         raise _err(errno.EOPNOTSUPP, op, f"flags {cmd.flags:#x}: expected INPUT_TYPE or 0")
     data_type = cmd.out_data_type if cmd.flags & uapi.HwInfoFlags.INPUT_TYPE else 0
     info = sim.hw_info(cmd.dev_id, data_type)
@@ -157,7 +168,8 @@ def _ioctl_get_hw_info(sim: IoctlTarget, cmd: Any) -> None:
         copied = min(cmd.data_len, len(info.data))
         # The kernel zeroes what the user offered beyond its own structure.
         out[:] = info.data[:copied].ljust(cmd.data_len, b"\0")
-        cmd.data_len = copied
+    # ... and reports its own length, which may exceed the user's buffer.
+    cmd.data_len = len(info.data)
     cmd.out_data_type = info.data_type
     cmd.out_capabilities = info.capabilities
     cmd.out_max_pasid_log2 = info.max_pasid_log2
@@ -167,8 +179,10 @@ def _ioctl_hwpt_invalidate(sim: IoctlTarget, cmd: Any) -> None:
     op = "HWPT_INVALIDATE"
     requested = cmd.entry_num
     cmd.entry_num = 0
-    if requested and (not cmd.data_uptr or not cmd.entry_len):
-        raise _err(errno.EINVAL, op, f"entry_num {requested} without data_uptr or entry_len")
+    if requested and not cmd.data_uptr:
+        raise _err(errno.EINVAL, op, f"entry_num {requested} without data_uptr")
+    # Bounds before the array is read (invalidation_target checks them again in order).
+    invalidation_bounds(requested, cmd.entry_len)
     array = bytes(_user_memory(cmd.data_uptr, requested * cmd.entry_len, op, "data_uptr")) \
         if requested else b""
     try:
