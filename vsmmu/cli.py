@@ -16,6 +16,7 @@ from qmp_harness.provision import ProvisionError, ensure_qemu, load_install
 from vsmmu.demo import DmaCheckError
 from vsmmu.endpoints.base import EndpointError
 from vsmmu.iommufd.sim import HostPersonality
+from vsmmu.logging_limit import limit_log_rate
 from vsmmu.nesting import CBadStePolicy
 from vsmmu.service import BackendKind, EndpointConfig, ServiceConfig, ServiceError, serve
 from vsmmu.smmu import SmmuFeatures
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         level = getattr(logging, args.log_level.upper())
         logging.basicConfig(level=min(level, logging.INFO) if args.trace else level,
                             format="%(asctime)s %(name)s: %(message)s")
+        if not args.trace:  # --trace asks for every line; otherwise guests cannot flood
+            limit_log_rate()
         try:
             return asyncio.run(serve(_serve_config(args)))
         except (ServiceError, EndpointError, OSError) as exc:

@@ -83,6 +83,9 @@ SMMU_BAR = 0
 SMMU_SOCKET = "smmu.sock"
 QMP_SOCKET = "qmp.sock"
 _DWORD = 8
+_U32_LIMIT = 1 << 32
+_SOCKET_DIR_MODE = 0o700
+_U64_LIMIT = 1 << 64
 
 
 class ServiceError(Exception):
@@ -261,7 +264,8 @@ class Service:
         if self._started:
             raise ServiceError("Service.start: already started")
         config = self.config
-        config.socket_dir.mkdir(parents=True, exist_ok=True)
+        # A directory we create is the owner's only; the sockets are 0600 either way.
+        config.socket_dir.mkdir(mode=_SOCKET_DIR_MODE, parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         self.backend = self._make_backend()
         translator = NestingTranslator(self.backend, policy=config.cbadste_policy,
@@ -552,8 +556,9 @@ class Service:
     def _qmp_inject(self, args: Arguments) -> dict[str, object]:
         _, translator, _ = self._running()
         sid, iova = args["sid"], args["iova"]
-        if sid < 0 or iova < 0:
-            raise QmpCommandError(f"sid {sid} / iova {iova}: expected non-negative numbers")
+        if not 0 <= sid < _U32_LIMIT or not 0 <= iova < _U64_LIMIT:
+            raise QmpCommandError(f"sid {sid} / iova {iova}: expected a 32-bit sid and a "
+                                  "64-bit iova")
         result = translator.transaction(sid, iova, write=bool(args.get("write", False)),
                                         ssid=args.get("ssid"))
         return {"ok": result.ok, "reason": result.reason,

@@ -77,7 +77,7 @@ class Guest:
 
     def __init__(self, client: VfioUserClient) -> None:
         self.client = client
-        self.fd = os.memfd_create("guest-ram")
+        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, RAM_SIZE)
         self.ram = mmap.mmap(self.fd, RAM_SIZE)
         self.cmdq = QueueIndex(CMDQ_LOG2)

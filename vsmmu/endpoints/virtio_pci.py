@@ -18,6 +18,15 @@ processes nothing until the driver resets it.  A refused DMA stops the
 request in progress without consuming it, is logged and counted, and the
 queue is tried again at the next notification.  No register handler raises.
 
+A doorbell does not do the queue's work inside the register write: it marks
+the queue kicked and the work runs later on the event loop, in turns of at
+most :data:`WORK_BYTES_PER_TURN` bytes (at least one request), each turn
+scheduled behind whatever else is ready.  A guest that keeps a queue full and
+rings without pause thus gets one turn at a time, between the SMMU's register
+accesses, the other endpoints and the monitor, instead of holding the one loop
+they all share.  Outside an event loop (tests driving the device directly)
+the turns run at once, one after the other.
+
 Subclasses give the device id, queue count, device features and config
 bytes, and implement :meth:`VirtioPciEndpoint.handle_request`.
 """
@@ -25,6 +34,7 @@ bytes, and implement :meth:`VirtioPciEndpoint.handle_request`.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import struct
 from typing import Any
@@ -53,6 +63,9 @@ NOTIFY_OFFSET = 0x3000
 NOTIFY_MULTIPLIER = 4
 #: What ``queue_size`` reads after reset unless the device says otherwise.
 DEFAULT_QUEUE_MAX_SIZE = 64
+
+#: Request bytes one turn of queue work may produce before yielding the loop.
+WORK_BYTES_PER_TURN = 64 * 1024
 
 _BYTE_BITS = 8
 _REGISTER_AT = {register.value: register for register in vu.CommonCfg}
@@ -161,6 +174,9 @@ class VirtioPciEndpoint(Endpoint):
         self.dma_faults = 0
         self.last_dma_fault: EndpointDmaError | None = None
         self.needs_reset_reason: str | None = None
+        # Queues rung and not yet drained, in ring order; whether a turn is scheduled.
+        self._kicked: dict[int, None] = {}
+        self._turn_scheduled = False
         self._transport_reset()
 
     # -- the device's part ---------------------------------------------------
@@ -204,6 +220,7 @@ class VirtioPciEndpoint(Endpoint):
         self.needs_reset_reason = None
         for queue in self.queues:
             queue.reset()
+        self._kicked.clear()
         self.pci.intx.deassert_level()
 
     def _dma_port(self) -> DmaPort:
@@ -458,17 +475,13 @@ class VirtioPciEndpoint(Endpoint):
         return bool(command & pci.PCI_COMMAND_MASTER)
 
     def notify(self, index: int) -> None:
-        """The driver rang queue ``index``'s doorbell: serve what it made available."""
+        """The driver rang queue ``index``'s doorbell: serve what it made available
+        (in later turns of the event loop, see the module docstring)."""
         if index >= len(self.queues):
             logger.warning("%s: notify for queue %d of %d", self.name, index, len(self.queues))
             return
         queue = self.queues[index]
-        live = vu.DeviceStatus.DRIVER_OK | vu.DeviceStatus.FEATURES_OK
-        if (
-            self.status & live != live
-            or self.status & (vu.DeviceStatus.DEVICE_NEEDS_RESET | vu.DeviceStatus.FAILED)
-            or not queue.enabled
-        ):
+        if not self._live(queue):
             logger.warning(
                 "%s: notify for queue %d ignored (status %s, enabled %s)",
                 self.name, index, self.status, queue.enabled,
@@ -477,23 +490,68 @@ class VirtioPciEndpoint(Endpoint):
         if not self._bus_master():
             logger.warning("%s: notify for queue %d but bus mastering is off", self.name, index)
             return
-        self._process(queue)
+        self._kicked[index] = None
+        if not self._turn_scheduled:
+            self._schedule_turn()
 
-    def _process(self, queue: SplitVirtqueue) -> None:
-        completed = 0
+    def _live(self, queue: SplitVirtqueue) -> bool:
+        live = vu.DeviceStatus.DRIVER_OK | vu.DeviceStatus.FEATURES_OK
+        return (
+            self.status & live == live
+            and not self.status & (vu.DeviceStatus.DEVICE_NEEDS_RESET | vu.DeviceStatus.FAILED)
+            and queue.enabled
+        )
+
+    def _schedule_turn(self) -> None:
         try:
-            # At most one queue's worth per doorbell: pending() bounds it.
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            while self._kicked:
+                self._turn()
+            return
+        self._turn_scheduled = True
+        loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        """One bounded turn of queue work; schedules the next while work is left."""
+        self._turn_scheduled = False
+        budget = WORK_BYTES_PER_TURN
+        for index in list(self._kicked):
+            queue = self.queues[index]
+            done, more = (0, False)
+            if self._live(queue) and self._bus_master():
+                done, more = self._process(queue, budget)
+            if not more:
+                del self._kicked[index]
+            budget -= done
+            if budget <= 0:
+                break
+        if self._kicked and not self._turn_scheduled:
+            self._schedule_turn()
+
+    def _process(self, queue: SplitVirtqueue, budget: int) -> tuple[int, bool]:
+        """Serve requests until ``budget`` bytes (at least one request); returns the bytes
+        written and whether requests are still waiting."""
+        completed = 0
+        done = 0
+        more = False
+        try:
+            # Never past what the ring had available at the start of the turn.
             for _ in range(queue.pending()):
+                if completed and done >= budget:
+                    more = True
+                    break
                 chain = queue.peek()
                 written = self.handle_request(queue.index, chain)
                 queue.complete(chain, written)
                 completed += 1
+                done += max(written, 1)
                 self.requests_completed += 1
                 self.request_completed(queue.index, chain, written)
             suppressed = completed > 0 and queue.interrupts_suppressed()
         except VirtqueueError as exc:
             self._set_needs_reset(str(exc))
-            return
+            return done, False
         except EndpointDmaError as exc:
             self.dma_faults += 1
             self.last_dma_fault = exc
@@ -501,8 +559,10 @@ class VirtioPciEndpoint(Endpoint):
                 "%s: queue %d request stopped by a DMA fault: %s", self.name, queue.index, exc
             )
             suppressed = False
+            more = False
         if completed and not suppressed:
             self._interrupt(vu.IsrStatus.QUEUE)
+        return done, more
 
     def stats(self) -> dict[str, Any]:
         """Counters and state for tests and the service's QMP."""

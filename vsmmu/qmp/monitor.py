@@ -40,6 +40,7 @@ from typing import Any, Final, TypeVar
 from vsmmu.qmp.errors import ErrorClass, QmpCommandError, QmpError, QmpFramingError
 from vsmmu.qmp.schema import Arg, check_arg_specs, validate_arguments
 from vsmmu.qmp.transport import (
+    MAX_CLIENTS,
     MAX_MESSAGE_BYTES,
     OUTBOUND_QUEUE_DEPTH,
     QmpChannel,
@@ -132,6 +133,9 @@ class QmpMonitor:
         to it are dropped.
     :param max_message_bytes: longest input message; a longer one is
         answered with an error and the client is disconnected.
+    :param max_clients: clients served at once; one more receives a
+        ``GenericError`` ("too many QMP clients") instead of the greeting and
+        is disconnected.
     """
 
     def __init__(
@@ -141,13 +145,19 @@ class QmpMonitor:
         version: Mapping[str, object] | None = None,
         event_queue_depth: int = OUTBOUND_QUEUE_DEPTH,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_clients: int = MAX_CLIENTS,
     ) -> None:
         self._version = dict(version) if version is not None else package_version_info()
+        refusal = self._error_reply(
+            ErrorClass.GENERIC_ERROR,
+            f"too many QMP clients: {max_clients} are connected, the monitor's limit")
         self._listener = QmpListener(
             socket_path,
             self._serve,
             max_message=max_message_bytes,
             queue_depth=event_queue_depth,
+            max_clients=max_clients,
+            refusal=refusal,
         )
         self._commands: dict[str, Command] = {}
         self._sessions: set[_Session] = set()

@@ -27,7 +27,12 @@ Disconnect and cancellation:
 
 * Peer hang-up: the reader sees EOF, the protocol coroutine returns, the
   replies already queued are flushed (bounded by ``CLOSE_TIMEOUT_S``) and the
-  socket is closed.
+  socket is closed.  A write that fails (the peer closed without reading)
+  marks the peer gone: queued and later output is discarded, a sender
+  waiting for room is released, and the next read reports end of stream, so
+  the session ends at once whatever it had queued.
+* At most ``max_clients`` clients at a time; one more gets the listener's
+  ``refusal`` message and is disconnected.
 * :meth:`QmpListener.close`: the protocol coroutines are cancelled (an
   in-flight command handler sees ``CancelledError``), unsent output is
   discarded, sockets are aborted and the socket file is removed.
@@ -61,6 +66,13 @@ READ_CHUNK_BYTES: Final = 64 * 1024
 OUTBOUND_QUEUE_DEPTH: Final = 1024
 #: How long a closing channel may spend flushing replies to a slow peer.
 CLOSE_TIMEOUT_S: Final = 1.0
+#: Clients served at once; one more is sent the refusal and hung up on (each
+#: client holds a descriptor, and descriptors are what DMA_MAP needs).
+MAX_CLIENTS: Final = 32
+#: The socket file's mode (whoever connects can write guest memory), and the
+#: umask that gives it at bind time.
+SOCKET_MODE: Final = 0o600
+_SOCKET_UMASK: Final = 0o177
 
 
 # Bytes that end the current message at once: ASCII controls except TAB, LF,
@@ -250,8 +262,10 @@ class QmpChannel:
         :raise QmpFramingError: the input exceeds the size or nesting limit;
             the stream cannot be resynchronised and must be closed.
         """
+        if self._peer_gone:
+            return None  # nobody can read the reply: stop executing its commands
         while (message := self._framer.pop()) is None:
-            if self._eof:
+            if self._eof or self._peer_gone:
                 return None
             try:
                 data = await self._reader.read(READ_CHUNK_BYTES)
@@ -284,13 +298,17 @@ class QmpChannel:
         return True
 
     async def _write_loop(self) -> None:
-        try:
-            while (data := await self._outbound.get()) is not None:
+        # Keeps consuming after a failed write, discarding, so a sender waiting
+        # for room in the queue is never left waiting for a writer that left.
+        while (data := await self._outbound.get()) is not None:
+            if self._peer_gone:
+                continue
+            try:
                 self._writer.write(data)
                 await self._writer.drain()
-        except OSError as exc:
-            LOG.info("%s: write failed (%s); peer is gone", self.name, exc)
-            self._peer_gone = True
+            except OSError as exc:
+                LOG.info("%s: write failed (%s); peer is gone", self.name, exc)
+                self._peer_gone = True
 
     async def aclose(self, *, flush: bool) -> None:
         """Close the connection; with ``flush``, first deliver queued output.
@@ -325,6 +343,9 @@ class QmpListener:
     :param path: the socket file to create.
     :param handler: the protocol layer's per-client coroutine; when it
         returns, the channel is flushed and closed.
+    :param max_clients: clients served at once.
+    :param refusal: bytes sent to a client past ``max_clients`` before it is
+        disconnected (the protocol layer's error message).
     """
 
     def __init__(
@@ -334,8 +355,14 @@ class QmpListener:
         *,
         max_message: int = MAX_MESSAGE_BYTES,
         queue_depth: int = OUTBOUND_QUEUE_DEPTH,
+        max_clients: int = MAX_CLIENTS,
+        refusal: bytes = b"",
     ) -> None:
         self.path = os.fspath(path)
+        self.max_clients = max_clients
+        #: Clients turned away because ``max_clients`` were connected.
+        self.clients_refused = 0
+        self._refusal = refusal
         self._handler = handler
         self._max_message = max_message
         self._queue_depth = queue_depth
@@ -362,7 +389,18 @@ class QmpListener:
         if self._server is not None:
             raise QmpTransportError(f"QMP listener on {self.path!r} is already started")
         await self._remove_stale_socket()
-        self._server = await asyncio.start_unix_server(self._accept, self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            previous = os.umask(_SOCKET_UMASK)
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(previous)
+            os.chmod(self.path, SOCKET_MODE)
+            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         st = os.stat(self.path)
         self._socket_inode = (st.st_dev, st.st_ino)
         LOG.info("QMP monitor listening on %s", self.path)
@@ -396,6 +434,13 @@ class QmpListener:
             # Accepted just before close(): close() cannot see this task, so
             # refuse the client here instead of serving it on a closed monitor.
             writer.transport.abort()
+            return
+        if len(self._connections) >= self.max_clients:
+            self.clients_refused += 1
+            LOG.warning("QMP client refused: %d clients already connected (the limit)",
+                        len(self._connections))
+            writer.write(self._refusal)
+            writer.close()  # sends what is buffered, then closes; nothing waits on the peer
             return
         task = asyncio.current_task()
         assert task is not None  # asyncio runs client callbacks in a task

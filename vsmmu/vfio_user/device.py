@@ -14,6 +14,7 @@ with what that device reports.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -59,7 +60,12 @@ class BarRegion:
 class IrqVector:
     """One interrupt vector (the INTx line, or one MSI/MSI-X vector).
 
-    The client assigns an eventfd; :meth:`trigger` signals it.  A masked
+    The client assigns an eventfd; :meth:`trigger` signals it.  The fd is the
+    client's and may be anything (a pipe nobody reads), so it is switched to
+    non-blocking when assigned and a write that would block is taken as
+    delivered: the fd is already readable, so the reader still sees an
+    interrupt (a full eventfd counter or pipe coalesces triggers, as an
+    eventfd does).  A masked
     vector remembers a trigger as pending and delivers it on unmask.  INTx is
     automasked, as in VFIO: each delivery masks it until the client unmasks
     (QEMU does so when the guest next touches the device), and a level that
@@ -74,6 +80,8 @@ class IrqVector:
         self.pending = False
         self.asserted = False
         self.delivered = 0
+        #: Triggers folded into one the reader has not consumed yet (fd full).
+        self.coalesced = 0
 
     def trigger(self) -> bool:
         """Raise the interrupt once; False when it was held back (masked, no eventfd)."""
@@ -82,6 +90,8 @@ class IrqVector:
             return False
         try:
             os.write(self.eventfd, _EVENTFD_INCREMENT)
+        except BlockingIOError:
+            self.coalesced += 1
         except OSError as exc:
             logger.warning("irq %s: eventfd %d write failed: %s", self.name, self.eventfd, exc)
             self.pending = True
@@ -113,7 +123,19 @@ class IrqVector:
             self.trigger()
 
     def assign(self, eventfd: int | None) -> None:
-        """Take ownership of ``eventfd`` (None de-assigns); the previous one is closed."""
+        """Take ownership of ``eventfd`` (None de-assigns); the previous one is closed.
+
+        The new fd is made non-blocking (:meth:`trigger` must never wait).
+        """
+        if eventfd is not None:
+            try:
+                os.set_blocking(eventfd, False)
+            except OSError as exc:
+                logger.warning("irq %s: fd %d cannot be made non-blocking (%s); not used",
+                               self.name, eventfd, exc)
+                with contextlib.suppress(OSError):
+                    os.close(eventfd)
+                eventfd = None
         if self.eventfd is not None:
             os.close(self.eventfd)
         self.eventfd = eventfd

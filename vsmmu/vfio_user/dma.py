@@ -2,7 +2,17 @@
 
 QEMU passes one fd per RAM block in DMA_MAP; the table mmaps it and closes the
 fd at once (the mapping keeps the memory alive), so no descriptor is ever
-held.  Reads and writes by guest-physical address are bounds-checked against
+held.
+
+A shared mapping of a file faults with SIGBUS when the file is shrunk under
+it, and Python cannot survive that signal.  So an fd is mapped only when its
+size can no longer drop below the mapped range: the file must already be that
+large (``fstat``) and sealed against shrinking (``F_SEAL_SHRINK``; QEMU's
+``memory-backend-memfd`` seals by default).  An unsealed memfd that allows
+sealing is sealed here; any other fd is refused with EINVAL, because a client
+could shrink it under the mapping at any time.
+
+Reads and writes by guest-physical address are bounds-checked against
 one mapping; an access that is not wholly inside a mapped, mmap-able range
 raises :class:`DmaError`.  Listeners hear of every map and unmap so the
 translator can mirror them (for example into an iommufd IOAS).
@@ -14,9 +24,11 @@ import bisect
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Callable, Iterator
 
 from vsmmu.vfio_user import uapi
@@ -142,6 +154,7 @@ class DmaMapTable:
 
     @staticmethod
     def _mmap_into(mapping: DmaMapping, fd: int) -> None:
+        _pin_size(mapping, fd)
         skew = mapping.fd_offset % mmap.ALLOCATIONGRANULARITY
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if mapping.writable else 0)
         try:
@@ -240,6 +253,37 @@ class DmaMapTable:
         """
         memory, offset = self._memory(gpa, size, write=False)
         return memoryview(memory)[offset : offset + size]
+
+
+def _pin_size(mapping: DmaMapping, fd: int) -> None:
+    """Make sure the file behind ``fd`` holds the mapped range and can never shrink.
+
+    :raises CommandError: EINVAL when the file is too small, is not a regular
+        file, or cannot be sealed against shrinking.
+    """
+    where = f"DMA_MAP gpa={mapping.gpa:#x} size={mapping.size:#x}"
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        raise CommandError(errno.EBADF, f"{where}: fstat of the fd failed: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise CommandError(errno.EINVAL, f"{where}: the fd is not a regular file or memfd")
+    end = mapping.fd_offset + mapping.size
+    if end > info.st_size:
+        raise CommandError(
+            errno.EINVAL,
+            f"{where}: the fd holds {info.st_size:#x} bytes, the map needs {end:#x}")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not seals & fcntl.F_SEAL_SHRINK:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as exc:
+        raise CommandError(
+            errno.EINVAL,
+            f"{where}: the fd can be shrunk under the mapping and cannot be sealed "
+            f"against it ({exc}); pass a memfd sealed with F_SEAL_SHRINK, or one created "
+            "with MFD_ALLOW_SEALING (QEMU: memory-backend-memfd, seal=on, the default)",
+        ) from exc
 
 
 def _notify(listener: DmaListener, mapping: DmaMapping, what: str) -> None:

@@ -54,6 +54,8 @@ class Message:
     error: int = 0
     payload: bytes = b""
     fds: list[int] = dataclasses.field(default_factory=list)
+    #: The kernel truncated this message's SCM_RIGHTS (MSG_CTRUNC): some fds were lost.
+    fds_lost: bool = False
 
     @property
     def is_reply(self) -> bool:

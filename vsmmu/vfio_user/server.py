@@ -1,6 +1,7 @@
 """The vfio-user server: one listening unix socket per PCI function.
 
-:class:`VfioUserServer` accepts one client at a time on its socket path and
+:class:`VfioUserServer` serves one client at a time on its socket path (a
+second client gets an EBUSY reply to its first request and is hung up on) and
 runs a connection: the event loop's reader callback on the socket (no task
 or future per message) receives the messages in order, hands each request
 to the :class:`~vsmmu.vfio_user.session.Session` and queues its reply before
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -22,18 +24,39 @@ import socket
 from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.device import PciFunction
 from vsmmu.vfio_user.dma import DmaError
-from vsmmu.vfio_user.messages import Message, ProtocolError, VfioUserError
+from vsmmu.vfio_user.messages import Message, ProtocolError, VfioUserError, error_reply_to
 from vsmmu.vfio_user.session import Session
 from vsmmu.vfio_user.transport import ConnectionClosed, MessageChannel
 
 logger = logging.getLogger(__name__)
 
 _MSG_ID_MODULO = 1 << 16
+#: Socket files: read/write for the owner only (and the umask that yields it at bind).
+OWNER_ONLY_MODE = 0o600
+OWNER_ONLY_UMASK = 0o177
+#: How long a refused second client has to send its first request.
+REFUSAL_TIMEOUT_S = 5.0
+#: The largest first request read from a refused client (a VERSION is far smaller).
+REFUSAL_MAX_MESSAGE = 1 << 16
 #: Messages handled per reader wakeup before other callbacks get their turn
 #: (a client flooding posted writes must not starve the loop).
 _MESSAGES_PER_WAKEUP = 64
 _TYPE_MASK = int(uapi.MSG_TYPE_MASK)
 _REPLY = int(uapi.MSG_TYPE_REPLY)
+
+
+def bind_owner_only(sock: socket.socket, path: str) -> None:
+    """Bind a unix socket at ``path`` with mode 0600, whatever the process umask.
+
+    The umask is narrowed around ``bind`` (which creates the file) so the file
+    is never reachable by others, not even for a moment.
+    """
+    previous = os.umask(OWNER_ONLY_UMASK)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(previous)
+    os.chmod(path, OWNER_ONLY_MODE)
 
 
 class ServerError(VfioUserError):
@@ -186,13 +209,20 @@ class VfioUserServer:
         self.path = os.fspath(path)
         self.connection: Connection | None = None
         self.connections_served = 0
+        #: Clients turned away because another one was connected.
+        self.clients_refused = 0
         self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._session: asyncio.Task[None] | None = None
+        self._refusals: set[asyncio.Task[None]] = set()
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
 
     async def start(self) -> None:
         """Bind and listen on :attr:`path` (a stale socket file is replaced).
+
+        The socket file is created with mode 0600 whatever the umask: whoever
+        can connect can read and write guest memory.
 
         :raises OSError: the path cannot be bound.
         """
@@ -200,7 +230,7 @@ class VfioUserServer:
             os.unlink(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(self.path)
+            bind_owner_only(listener, self.path)
             listener.listen(1)
             listener.setblocking(False)
         except OSError:
@@ -215,6 +245,13 @@ class VfioUserServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(self._listener)
+            if self.connection is not None:
+                # One device, one client: a second one is told so at once instead
+                # of waiting in the backlog until the first leaves.
+                refusal = asyncio.create_task(self._refuse(sock))
+                self._refusals.add(refusal)
+                refusal.add_done_callback(self._refusals.discard)
+                continue
             try:
                 self.device.attach_client()
             except Exception:
@@ -227,14 +264,37 @@ class VfioUserServer:
             self._disconnected.clear()
             self._connected.set()
             logger.info("vfio-user client connected on %s", self.path)
-            try:
-                await connection.run()
-            finally:
-                self.connection = None
-                self._connected.clear()
-                self._detach()
-                self.connections_served += 1
-                self._disconnected.set()
+            self._session = asyncio.create_task(self._run(connection),
+                                                name=f"vfio-user client {self.path}")
+
+    async def _run(self, connection: Connection) -> None:
+        try:
+            await connection.run()
+        finally:
+            self.connection = None
+            self._connected.clear()
+            self._detach()
+            self.connections_served += 1
+            self._disconnected.set()
+
+    async def _refuse(self, sock: socket.socket) -> None:
+        """Answer a second client's first request with EBUSY, then hang up."""
+        self.clients_refused += 1
+        channel = MessageChannel(sock, REFUSAL_MAX_MESSAGE)
+        try:
+            async with asyncio.timeout(REFUSAL_TIMEOUT_S):
+                request = await channel.receive()
+                request.close()
+                logger.warning("vfio-user %s: refused a second client (%s): a client is "
+                               "already connected and the device serves one", self.path,
+                               request.command_name)
+                if not request.is_reply and not request.no_reply:
+                    await channel.send(error_reply_to(request, errno.EBUSY))
+        except (TimeoutError, VfioUserError) as exc:
+            logger.warning("vfio-user %s: second client dropped: %s", self.path,
+                           exc or "it sent no request in time")
+        finally:
+            channel.close()
 
     def _detach(self) -> None:
         try:
@@ -279,11 +339,12 @@ class VfioUserServer:
 
     async def close(self) -> None:
         """Stop listening, drop the client (tearing the device down), remove the socket."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in [self._task, self._session, *self._refusals]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._session = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -299,4 +360,4 @@ class VfioUserServer:
         await self.close()
 
 
-__all__ = ["Connection", "ServerError", "VfioUserServer"]
+__all__ = ["Connection", "ServerError", "VfioUserServer", "bind_owner_only"]

@@ -112,6 +112,10 @@ class Session:
         if posted:
             stats["posted"] += 1
         try:
+            if message.fds_lost:
+                raise CommandError(errno.EMFILE, f"{name}: the kernel truncated the fds sent "
+                                   "with it (MSG_CTRUNC): the service may be out of "
+                                   "descriptors, or too many were sent")
             if flags not in _REQUEST_FLAGS:
                 _refuse_flags(flags)
             handler = _HANDLERS.get(command)

@@ -73,6 +73,8 @@ class MessageChannel:
         self._failure: ConnectionClosed | None = None
         self._read_waiter: asyncio.Future[None] | None = None
         self._closed = False
+        # Set when a recvmsg of the message being assembled lost fds (MSG_CTRUNC).
+        self._fds_lost = False
 
     @property
     def closed(self) -> bool:
@@ -106,9 +108,21 @@ class MessageChannel:
         A message that has only partly arrived stays in the decoder, with its
         fds, for the next call.
 
+        A message whose descriptors the kernel truncated (``MSG_CTRUNC``: the
+        process is out of fds, or the peer sent too many) comes with
+        :attr:`~vsmmu.vfio_user.messages.Message.fds_lost` set, for the
+        protocol layer to refuse.
+
         :raises ConnectionClosed: as :meth:`receive`.  :raises ProtocolError: as
             :meth:`receive`.
         """
+        message = self._assemble()
+        if message is not None and self._fds_lost:
+            self._fds_lost = False
+            message.fds_lost = True
+        return message
+
+    def _assemble(self) -> Message | None:
         decoder = self._decoder
         if not decoder.idle:
             return self._receive_rest()
@@ -164,7 +178,7 @@ class MessageChannel:
         except OSError as exc:
             raise ConnectionClosed(f"vfio-user socket receive failed: {exc}") from exc
         if msg_flags & _CTRUNC:
-            logger.warning("vfio-user: ancillary data truncated; some fds were lost")
+            self._fds_lost = True
         return data, (_fds_from_ancillary(ancdata) if ancdata else [])
 
     async def _wait_readable(self) -> None:

@@ -68,7 +68,7 @@ def make_fd(kind: int) -> int:
         os.close(write)
         return read
     if kind == 1:
-        memfd = os.memfd_create("fuzz")
+        memfd = os.memfd_create("fuzz", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(memfd, 4 * PAGE)
         return memfd
     return os.eventfd(0)

@@ -31,7 +31,7 @@ async def one_session(path: str, memfd: int, eventfd: int) -> None:
 async def test_hundred_cycles_leak_nothing(
     open_fds: Callable[[], int], server: VfioUserServer, socket_path: str, sample: ScratchDevice
 ) -> None:
-    memfd = os.memfd_create("guest-ram")
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(memfd, 2 * PAGE)
     eventfd = os.eventfd(0)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -80,7 +81,7 @@ def test_impossible_bars_are_rejected(bars: dict[int, BarLayout]) -> None:
 
 def test_dma_unaligned_fd_offset_and_readonly() -> None:
     table = DmaMapTable()
-    memfd = os.memfd_create("ram")
+    memfd = os.memfd_create("ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(memfd, 4 * PAGE)
     os.pwrite(memfd, b"abcd", PAGE + 0x10)
     table.map(0x9000, 0x100, uapi.DMA_MAP_READ, memfd, PAGE + 0x10)  # memfd is closed
@@ -116,13 +117,65 @@ def test_dma_listener_failure_does_not_break_the_table() -> None:
 
 def test_mmap_failure_closes_fd_and_reports_errno() -> None:
     table = DmaMapTable()
+    memfd = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(memfd, PAGE)
+    # Write-sealed: a shared writable mapping is refused by mmap itself.
+    fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK)
+    with pytest.raises(CommandError) as info:
+        table.map(0, PAGE, RW, memfd, 0)
+    assert info.value.errno == errno.EPERM  # the mmap errno, passed on
+    with pytest.raises(OSError):
+        os.fstat(memfd)
+    assert len(table) == 0
+
+
+def test_fd_that_is_not_a_file_is_refused_and_closed() -> None:
+    table = DmaMapTable()
     read, write = os.pipe()
     os.close(write)
     with pytest.raises(CommandError) as info:
         table.map(0, PAGE, RW, read, 0)
-    assert info.value.errno in (errno.EACCES, errno.ENODEV)  # the mmap errno, passed on
+    assert info.value.errno == errno.EINVAL and "not a regular file" in str(info.value)
     with pytest.raises(OSError):
         os.fstat(read)
+    assert len(table) == 0
+
+
+def test_map_past_the_end_of_the_file_is_refused() -> None:
+    table = DmaMapTable()
+    memfd = os.memfd_create("small", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(memfd, PAGE)
+    with pytest.raises(CommandError) as info:
+        table.map(0, 2 * PAGE, RW, memfd, 0)
+    assert info.value.errno == errno.EINVAL and "holds 0x1000 bytes" in str(info.value)
+    assert len(table) == 0
+
+
+def test_mapped_memfd_cannot_be_shrunk_under_the_service() -> None:
+    """Without the seal, ftruncate(0) then a read of the mapping kills the process (SIGBUS)."""
+    table = DmaMapTable()
+    memfd = os.memfd_create("ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(memfd, 2 * PAGE)
+    client_copy = os.dup(memfd)  # the client keeps its own fd to the file
+    try:
+        table.map(0, 2 * PAGE, RW, memfd, 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(client_copy, 0)
+        assert os.fstat(client_copy).st_size == 2 * PAGE
+        assert table.read(PAGE, 4) == bytes(4)
+    finally:
+        table.unmap_all()
+        os.close(client_copy)
+
+
+def test_unsealable_memfd_is_refused() -> None:
+    """A memfd without MFD_ALLOW_SEALING could be shrunk at any time: not mapped."""
+    table = DmaMapTable()
+    memfd = os.memfd_create("unsealable", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, PAGE)
+    with pytest.raises(CommandError) as info:
+        table.map(0, PAGE, RW, memfd, 0)
+    assert info.value.errno == errno.EINVAL and "sealed" in str(info.value)
     assert len(table) == 0
 
 

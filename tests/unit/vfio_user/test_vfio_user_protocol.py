@@ -272,7 +272,7 @@ async def test_dma_map_mmap_and_listeners(client: VfioUserClient, sample: Scratc
     mapped: list[DmaMapping] = []
     unmapped: list[DmaMapping] = []
     sample.pci.dma.add_listener(mapped.append, unmapped.append)
-    memfd = os.memfd_create("guest-ram")
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(memfd, 4 * PAGE)
         os.pwrite(memfd, b"pattern!", 2 * PAGE + 8)
@@ -294,7 +294,7 @@ async def test_dma_map_errors(
     open_fds: Callable[[], int], client: VfioUserClient, sample: ScratchDevice
 ) -> None:
     before = open_fds()
-    memfd = os.memfd_create("guest-ram")
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(memfd, 4 * PAGE)
         await client.dma_map(0, 2 * PAGE, memfd)

@@ -369,15 +369,17 @@ class PhysicalSmmu:
     def _stage2(
         self, ioas: SimIoas, ipa: int, write: bool, cls: EventClass, iova: int
     ) -> tuple[memoryview, int]:
+        # An IPA beyond any stage-2 input range (>= 2^52) is unmapped: a stage-2
+        # translation fault whose record holds IPA[51:12], as the field is wide.
         m = ioas.lookup(ipa)
         if m is None:
             raise _Fault(
                 EventId.F_TRANSLATION, f"S2: IPA {ipa:#x} not mapped", s2=1,
-                ipa=ipa & ~TLB_PAGE_MASK, event_class=int(cls), input_addr=iova,
+                ipa=EVT.IPA.clamp(ipa), event_class=int(cls), input_addr=iova,
             )
         if write and not m.flags & _S2_WRITEABLE:
             raise _Fault(
-                EventId.F_PERMISSION, f"S2: IPA {ipa:#x} read-only", s2=1, ipa=ipa & ~TLB_PAGE_MASK,
+                EventId.F_PERMISSION, f"S2: IPA {ipa:#x} read-only", s2=1, ipa=EVT.IPA.clamp(ipa),
                 event_class=int(cls), input_addr=iova,
             )
         return m.mapping.view(), ipa - m.iova
