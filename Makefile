@@ -12,7 +12,7 @@ export VSMMU_CACHE := $(CACHE)
 STAMP    := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup venv qemu guest run test test-fast bench lint clean doctor
+.PHONY: setup venv qemu guest run test test-fast bench soak lint clean doctor
 
 setup: venv qemu guest
 
@@ -49,8 +49,14 @@ test-fast: venv
 bench: setup
 	@$(PY) -m benchmarks --cache $(CACHE)
 
+# Not part of `make test`: a guest DMAs through the vSMMU while the service is
+# fuzzed and QEMU is killed and restarted (README, "Reliability").
+SOAK_MINUTES ?= 10
+soak: setup
+	@$(PY) -m reliability soak --cache $(CACHE) --minutes $(SOAK_MINUTES)
+
 lint: venv
-	@$(PY) -m ruff check vsmmu qmp_harness guest_images tests benchmarks
+	@$(PY) -m ruff check vsmmu qmp_harness guest_images tests benchmarks reliability
 	@$(PY) -m mypy
 
 doctor: setup

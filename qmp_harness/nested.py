@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -298,6 +299,16 @@ class NestedMachine:
         """The endpoints behind the vSMMU."""
         return self.config.endpoints
 
+    @property
+    def service_pid(self) -> int | None:
+        """The ``vsmmu serve`` process id (None before :meth:`start`)."""
+        return self._service_proc.pid if self._service_proc is not None else None
+
+    @property
+    def service_exit_status(self) -> int | None:
+        """The service's exit status, or None while it runs."""
+        return self._service_proc.returncode if self._service_proc is not None else None
+
     def service_argv(self) -> list[str]:
         """The ``vsmmu serve`` command line."""
         config = self.config
@@ -350,7 +361,32 @@ class NestedMachine:
         """
         try:
             await self._start_service()
-            dtb = self.write_dtb(self.workdir / "nested.dtb")
+            await self.boot_vm(boot_timeout=boot_timeout)
+        except NestedBootError:
+            raise
+        except (BootError, ConsoleError, QMPError, OSError, TimeoutError) as exc:
+            raise NestedBootError(self.failure_report(f"start failed: {exc}")) from exc
+
+    async def kill_vm(self) -> None:
+        """SIGKILL QEMU (no reset, no DMA_UNMAP: the sockets just close) and reap it.
+
+        The service keeps running; :meth:`boot_vm` boots the next QEMU against it.
+        """
+        vm = self.vm
+        if vm.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(vm.pid, signal.SIGKILL)
+        await vm.shutdown()
+
+    async def boot_vm(self, *, boot_timeout: float = BAR_TIMEOUT) -> None:
+        """Boot a QEMU (a fresh one after :meth:`kill_vm`) against the running service.
+
+        Raises NestedBootError (with the full failure report) on any failure.
+        """
+        try:
+            dtb = self.workdir / "nested.dtb"
+            if not dtb.exists():
+                self.write_dtb(dtb)
             self._vm = Machine(self.qemu, self.machine_config(dtb), name=self.name)
             await self._vm.start()
             await self.verify_smmu_bar(boot_timeout)

@@ -1,0 +1,1 @@
+"""Reliability tooling: hostile-client probes, the service under test, and the soak."""
