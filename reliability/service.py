@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,7 +44,8 @@ class ServiceProcess:
     """``vsmmu serve`` in a temporary socket directory, with a QMP client and a meter."""
 
     def __init__(self, extra_args: Sequence[str] = (), *,
-                 endpoint: str = f"virtio-rng,sid={FUZZ_SID:#x},name={FUZZ_ENDPOINT}") -> None:
+                 endpoint: str = f"virtio-rng,sid={FUZZ_SID:#x},name={FUZZ_ENDPOINT}",
+                 preexec: Callable[[], None] | None = None) -> None:
         # Unix socket paths are limited to 108 bytes: a short directory in /tmp.
         self.workdir = Path(tempfile.mkdtemp(prefix="vsmmu-rel-"))
         self.socket_dir = self.workdir / "s"
@@ -54,6 +55,7 @@ class ServiceProcess:
         self.qmp = QMPClient("reliability")
         self.proc: asyncio.subprocess.Process | None = None
         self.meter: ProcessMeter | None = None
+        self._preexec = preexec
 
     @property
     def qmp_socket(self) -> str:
@@ -74,7 +76,7 @@ class ServiceProcess:
         with open(self.log_path, "wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=self._preexec)
         self.meter = ProcessMeter(self.proc.pid)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

@@ -51,7 +51,7 @@ class OffsetIommu:
 def testdev() -> IommuTestdev:
     device = make_endpoint("iommu-testdev,name=itd0")
     assert isinstance(device, IommuTestdev) and device.name == "itd0"
-    memfd = os.memfd_create("guest-ram")
+    memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(memfd, RAM_SIZE)
     device.pci.dma.map(RAM, RAM_SIZE, pci.DMA_MAP_READ | pci.DMA_MAP_WRITE, memfd, 0)
     device.bind_dma(OffsetIommu(device.pci))
