@@ -62,6 +62,8 @@ PROBE_PAUSE_S = 1.0
 #: Every this many cycles, QEMU is also killed in the middle of a boot.
 KILL_DURING_BOOT_EVERY = 3
 TEARDOWN_TIMEOUT_S = 20.0
+#: A boot that fails (a loaded machine can miss the boot timeout) is tried again.
+BOOT_ATTEMPTS = 3
 SERVICE_OWN_OBJECTS = frozenset({"ioas", "device", "hwpt_paging"})
 #: Growth from the first to the last quiet-point sample that still counts as flat.
 FD_SLACK = 2
@@ -86,6 +88,7 @@ class SoakTotals:
     boots: int = 0
     kills_running: int = 0
     kills_booting: int = 0
+    boot_failures: int = 0
     vfio: ProbeStats = dataclasses.field(default_factory=ProbeStats)
     qmp: ProbeStats = dataclasses.field(default_factory=ProbeStats)
     registers: ProbeStats = dataclasses.field(default_factory=ProbeStats)
@@ -200,8 +203,7 @@ class Soak:
             if cycle % KILL_DURING_BOOT_EVERY == 0:
                 await self._kill_during_boot(nm)
             self.say(f"cycle {cycle}: booting QEMU against the running service")
-            await nm.boot_vm()
-            self.totals.boots += 1
+            await self._boot(nm)
         await nm.wait_endpoint_bound(self.endpoint)
         self._stream_offset = 0  # the endpoint restarts its stream at every reset
         until = min(deadline, time.monotonic() + self.kill_every_s)
@@ -223,6 +225,24 @@ class Soak:
             if isinstance(result, SoakFailure):
                 raise result
         await self._hostile_guest_window(nm)
+
+    async def _boot(self, nm: NestedMachine) -> None:
+        """Boot QEMU; a failed boot is retried (and reported) while the service stays up."""
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                await nm.boot_vm()
+                self.totals.boots += 1
+                return
+            except NestedBootError as exc:
+                self.totals.boot_failures += 1
+                first = str(exc).splitlines()[0][:200] if str(exc) else repr(exc)
+                self.totals.notes.append(f"boot attempt {attempt} failed: {first}")
+                self.say(f"boot attempt {attempt} failed: {first}")
+                self.sample_service()
+                with contextlib.suppress(Exception):
+                    await nm.kill_vm()
+                if attempt == BOOT_ATTEMPTS:
+                    raise
 
     async def _kill_during_boot(self, nm: NestedMachine) -> None:
         delay = self.rng.uniform(0.5, 6.0)
@@ -356,7 +376,8 @@ class Soak:
         print(f"hung requests:     {t.hung_total}", file=self.out)
         print(f"leaks:             {t.leaks}", file=self.out)
         print(f"QEMU boots:        {t.boots}; kills {t.kills} ({t.kills_running} running, "
-              f"{t.kills_booting} booting)", file=self.out)
+              f"{t.kills_booting} booting); failed boots retried {t.boot_failures}",
+              file=self.out)
         for name, stats in (("vfio-user fuzz", t.vfio), ("QMP fuzz", t.qmp),
                             ("hostile guest", t.registers)):
             print(f"{name + ':':<19}{stats.messages} messages, {stats.connections} connections,"
