@@ -83,7 +83,7 @@ class GuestMemfd:
     def __init__(self, base: int = RAM_BASE, size: int = RAM_SIZE) -> None:
         self.base = base
         self.size = size
-        self.fd = os.memfd_create("vsmmu-guest-ram", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("vsmmu-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
         self.memory = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
 
