@@ -137,6 +137,13 @@ def stage1_ste() -> Ste:
                s1csh=SH_INNER)
 
 
+def stage1_vste() -> list[str]:
+    """The vSTE the host must get: the STE's first two words (every field set is one the
+    kernel's STRTAB_STE_{0,1}_NESTING_ALLOWED keeps), as VSMMU_HWPT_ALLOC prints them."""
+    raw = stage1_ste().encode()
+    return [f"{int.from_bytes(raw[i:i + 8], 'little'):#018x}" for i in (0, 8)]
+
+
 def enable(vmm: ClientVmm) -> GuestDriver:
     """Probe and reset the SMMU as Linux does (SMMUEN=1 at the end)."""
     vmm.driver = GuestDriver(vmm.driver.smmu, vmm.ram)
@@ -200,7 +207,8 @@ def test_dma_lands_at_the_gpa_the_guest_stage1_names(world: World) -> None:
     enable(vmm)
     since = len(vmm.events.events)
     install_stage1(vmm)
-    alloc = vmm.wait_event("VSMMU_HWPT_ALLOC", since=since, match={"sid": SID, "errno": None})
+    alloc = vmm.wait_event("VSMMU_HWPT_ALLOC", since=since,
+                           match={"sid": SID, "errno": None, "vste": stage1_vste()})
     assert alloc["data"]["hwpt-id"] is not None
     (stream,) = vmm.service("query-vsmmu-streams", {"sid": SID})
     assert stream["attached-to"] == f"nested HWPT {alloc['data']['hwpt-id']}"
@@ -239,8 +247,9 @@ def test_host_refused_vste_is_reported_per_the_cbadste_event_policy(world: World
     since = len(vmm.events.events)
     install_stage1(vmm)
 
-    refused = vmm.wait_event("VSMMU_HWPT_ALLOC", since=since, match={"sid": SID})
-    assert refused["data"]["errno"] == "EIO"
+    refused = vmm.wait_event("VSMMU_HWPT_ALLOC", since=since,
+                             match={"sid": SID, "errno": "EIO"})
+    assert refused["data"]["vste"] == stage1_vste()
     events = wait_for_event(vmm, lambda e: e.event_id == EventId.C_BAD_STE)
     assert [e.sid for e in events if e.event_id == EventId.C_BAD_STE] == [SID]
     assert vmm.driver.cmdq_cons_error() == CError.NONE
