@@ -28,8 +28,8 @@ from vsmmu.arch.commands import CMD, CmdOpcode
 from vsmmu.arch.pagetables import DESC, Ap
 from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.iommufd import uapi
-from vsmmu.iommufd.backend import HostMapping
-from vsmmu.iommufd.sim import DmaFault, SimIommufd
+from vsmmu.iommufd.backend import DmaFault, HostMapping
+from vsmmu.iommufd.sim import SimIommufd
 
 logger = logging.getLogger(__name__)
 

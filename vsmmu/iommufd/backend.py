@@ -31,7 +31,9 @@ import logging
 import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from vsmmu.arch.events import Event
 from vsmmu.iommufd import uapi
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,41 @@ class IommufdError(OSError):
         super().__init__(err, f"{op}: {errno.errorcode.get(err, str(err))}: {message}")
         self.op = op
         self.handled = handled
+
+
+class DmaFault(Exception):
+    """A device's DMA that the host SMMU refused.
+
+    ``event`` is the architectural event the host recorded (None when the
+    transaction was silently aborted or the device is blocked); ``delivered``
+    tells whether it went to a vEVENTQ (with the vSID) rather than to the
+    host's own log.
+    """
+
+    def __init__(self, message: str, event: Event | None = None, delivered: bool = False) -> None:
+        super().__init__(message)
+        self.event = event
+        self.delivered = delivered
+
+
+class DeviceDma(Protocol):
+    """A backend's DMA capability for one device: its accesses, translated by the host SMMU.
+
+    Each call raises :class:`DmaFault` when the host refuses the access (nothing
+    is written then) and :class:`IommufdError` when the device is gone.
+    """
+
+    def read(self, iova: int, length: int) -> bytes:
+        """``length`` bytes at ``iova``."""
+        ...
+
+    def write(self, iova: int, data: bytes) -> None:
+        """Store ``data`` at ``iova``."""
+        ...
+
+    def views(self, iova: int, length: int, write: bool) -> list[memoryview]:
+        """Host views of the whole translated range, every page checked first (zero copy)."""
+        ...
 
 
 class ObjType(enum.Enum):
@@ -267,6 +304,16 @@ class IommufdBackend(abc.ABC):
     @abc.abstractmethod
     def objects(self) -> list[ObjectInfo]:
         """The object table, ordered by id."""
+
+    def device_dma(self, dev_id: int) -> DeviceDma | None:
+        """The DMA path of device ``dev_id`` through this backend's host SMMU.
+
+        None when the backend cannot issue DMA for its devices: real devices
+        (the kernel backend) do their own, in hardware.  The sim models the
+        physical SMMU and returns one for its mock devices.
+        """
+        del dev_id
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's own resources."""

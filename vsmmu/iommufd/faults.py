@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import (
+    DeviceDma,
     HostMapping,
     HwInfo,
     InvalidationCommand,
@@ -206,6 +207,10 @@ class FaultInjectingBackend(IommufdBackend):
     def objects(self) -> list[ObjectInfo]:
         """Forwarded."""
         return self.inner.objects()
+
+    def device_dma(self, dev_id: int) -> DeviceDma | None:
+        """Forwarded: the wrapped backend's DMA capability (DMA is not armable)."""
+        return self.inner.device_dma(dev_id)
 
     def close(self) -> None:
         """Forwarded."""

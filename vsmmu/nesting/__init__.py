@@ -8,24 +8,24 @@ Public API:
   ``guest_object_ids``, ``close``);
 * :class:`~vsmmu.nesting.translator.TranslatorObserver` — hooks for QMP events;
 * :class:`~vsmmu.nesting.policy.CBadStePolicy` — the documented C_BAD_STE policy;
+* :mod:`~vsmmu.nesting.routes` — where each StreamID's transactions go, decided
+  when configuration changes (:class:`~vsmmu.nesting.routes.Route`);
 * :mod:`~vsmmu.nesting.vste` — guest STE → vSTE.
 """
 
 from vsmmu.nesting.policy import CBadStePolicy
+from vsmmu.nesting.routes import NestingError, Route, StreamFault, TransactionResult
 from vsmmu.nesting.translator import (
     GuestObjects,
     NestedHwpt,
-    NestingError,
     NestingTranslator,
     Stream,
-    StreamFault,
-    TransactionResult,
     TranslatorObserver,
 )
 from vsmmu.nesting.vste import ABORT_VSTE, BYPASS_VSTE, INVALID_VSTE, VsteWords, vste_for
 
 __all__ = [
     "ABORT_VSTE", "BYPASS_VSTE", "INVALID_VSTE", "CBadStePolicy", "GuestObjects", "NestedHwpt",
-    "NestingError", "NestingTranslator", "Stream", "StreamFault", "TransactionResult",
+    "NestingError", "NestingTranslator", "Route", "Stream", "StreamFault", "TransactionResult",
     "TranslatorObserver", "VsteWords", "vste_for",
 ]

@@ -42,6 +42,16 @@ Events
     host already put the vSID in it) is written to the guest event queue; a
     LOST_EVENTS header becomes the guest queue's overflow flag.
 
+Transactions
+    Each endpoint stream keeps its :class:`~vsmmu.nesting.routes.Route`,
+    decided by :func:`vsmmu.nesting.routes.decide` whenever its STE is re-read,
+    the SMMU is enabled, disabled or reset, or the endpoint is added; an
+    endpoint's DMA (:meth:`dma_read`, :meth:`dma_write`, :meth:`dma_views`) and
+    an injected :meth:`transaction` only follow it: the backend's DMA
+    capability (the host SMMU translates; its faults come back through the
+    vEVENTQ), or the guest event the STE names.  The translator never asks
+    which backend it has.
+
 Errors never reach the guest as exceptions: every iommufd failure is logged
 with the guest's StreamID and becomes the guest-visible outcome documented
 here; :class:`NestingError` is raised only for caller mistakes.
@@ -60,9 +70,16 @@ from collections.abc import Sequence
 from vsmmu.arch.events import EVENT_SIZE, Event, EventId, decode_event, encode_event
 from vsmmu.arch.registers import QUEUE_BASE
 from vsmmu.iommufd import uapi
-from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError, VeventqHandle
-from vsmmu.iommufd.sim import DmaFault, SimIommufd
+from vsmmu.iommufd.backend import (
+    DmaFault,
+    HostMapping,
+    IommufdBackend,
+    IommufdError,
+    VeventqHandle,
+)
+from vsmmu.nesting import routes
 from vsmmu.nesting.policy import CBadStePolicy
+from vsmmu.nesting.routes import NestingError, Route, StreamFault, TransactionResult
 from vsmmu.nesting.vste import ABORT_VSTE, BYPASS_VSTE, INVALID_VSTE, VsteWords, vste_for
 from vsmmu.smmu import GbpaState, QueuedCommand, SmmuV3, SteLookup, SteStatus, StreamTableConfig
 
@@ -72,12 +89,6 @@ _VEVENT_HEADER = struct.Struct("<II")
 """``struct iommufd_vevent_header``: flags, sequence."""
 _VEVENTQ_READ_SIZE = 64 * (uapi.VEVENT_HEADER_SIZE + uapi.VEVENT_ARM_SMMUV3_SIZE)
 _VALID = SteStatus.VALID
-_HOST_EVENTS = (SteStatus.INVALID, SteStatus.ILLEGAL, SteStatus.VALID)
-"""Guest STE states whose transactions the host handles (and reports) itself."""
-
-
-class NestingError(Exception):
-    """A caller misused the translator (never raised for guest-controlled data)."""
 
 
 class TranslatorObserver:
@@ -117,6 +128,8 @@ class Stream:
     hwpt: NestedHwpt | None = None
     on_ioas: bool = False
     error: str = ""
+    route: Route = routes.UNCONFIGURED
+    """Where its transactions go (:mod:`vsmmu.nesting.routes`), kept current by the translator."""
 
     @property
     def attachment(self) -> str:
@@ -135,28 +148,6 @@ class GuestObjects:
     veventq: VeventqHandle | None = None
     hwpts: dict[VsteWords, NestedHwpt] = dataclasses.field(default_factory=dict)
     vdevices: list[int] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True)
-class TransactionResult:
-    """The outcome of one transaction from a StreamID (endpoint DMA or injected)."""
-
-    sid: int
-    iova: int
-    write: bool
-    ok: bool
-    data: bytes = b""
-    event: Event | None = None
-    reason: str = ""
-
-
-class StreamFault(NestingError):
-    """An endpoint's DMA was refused; ``result`` says why and which event it raised."""
-
-    def __init__(self, result: TransactionResult) -> None:
-        super().__init__(f"DMA {'write' if result.write else 'read'} by SID {result.sid:#x} at "
-                         f"IOVA {result.iova:#x} refused: {result.reason}")
-        self.result = result
 
 
 class NestingTranslator:
@@ -181,7 +172,6 @@ class NestingTranslator:
         self._ram: dict[int, HostMapping] = {}
         self._streams: dict[int, Stream] = {}
         self._guest: GuestObjects | None = None
-        self._sim: SimIommufd | None = backend if isinstance(backend, SimIommufd) else None
 
     # ------------------------------------------------------------ wiring
 
@@ -211,6 +201,7 @@ class NestingTranslator:
             self._install(stream)
         else:
             self._follow_gbpa(stream, self._gbpa_abort())
+        self._reroute(stream)
         return stream
 
     def remove_endpoint(self, sid: int) -> None:
@@ -296,6 +287,7 @@ class NestingTranslator:
             logger.info("guest disabled the SMMU")
             self._teardown()
             self._follow_gbpa_all()
+        self._reroute_all()
 
     def gbpa_changed(self, gbpa: GbpaState) -> None:
         """While the SMMU is disabled, endpoints follow GBPA.ABORT."""
@@ -308,6 +300,11 @@ class NestingTranslator:
     def ste_changed(self, first_sid: int, last_sid: int) -> bool:
         """Re-install every endpoint stream in ``first_sid..last_sid``; False = CERROR_ILL."""
         if self._guest is None or self._guest.viommu is None:
+            # Nothing to install (SMMU off, or the host refused nesting); the route follows
+            # the STE all the same (its event, or the host, which blocks the device).
+            for sid, stream in self._streams.items():
+                if first_sid <= sid <= last_sid:
+                    self._reroute(stream)
             return True
         ok = True
         if first_sid == last_sid:
@@ -340,6 +337,7 @@ class NestingTranslator:
         logger.info("vSMMU reset: destroying every object created for the guest")
         self._teardown()
         self._follow_gbpa_all()
+        self._reroute_all()
 
     # ------------------------------------------------------------ guest objects
 
@@ -402,6 +400,7 @@ class NestingTranslator:
             self._detach(stream)
             stream.vdev_id = None
             stream.vste = None
+            stream.lookup = None  # re-read when the SMMU is next enabled
         if guest is None:
             return
         self._guest = None
@@ -488,6 +487,7 @@ class NestingTranslator:
                             stream.sid, stream.name, stream.vste, hwpt_now.id)
             return True
         stream.lookup = lookup
+        self._reroute(stream)
         stream.error = ""
         features = self.smmu.features
         vste = vste_for(lookup, substreams=features.ssidsize > 0, ats=features.ats)
@@ -644,128 +644,95 @@ class NestingTranslator:
 
     # ------------------------------------------------------------ transactions
 
+    def _reroute(self, stream: Stream) -> None:
+        """Decide ``stream``'s route again (its STE, the enable state or its device changed)."""
+        smmu = self._smmu
+        lookup = None
+        if smmu is not None and smmu.enabled:
+            lookup = stream.lookup if stream.lookup is not None else smmu.lookup_ste(stream.sid)
+        stream.route = routes.decide(self.backend, stream.dev_id, lookup)
+
+    def _reroute_all(self) -> None:
+        for stream in self._streams.values():
+            self._reroute(stream)
+
+    def _route(self, sid: int) -> Route:
+        """The route of ``sid``: an endpoint's as kept, any other's from the stream table now."""
+        stream = self._streams.get(sid)
+        if stream is not None:
+            return stream.route
+        smmu = self.smmu
+        return routes.decide(self.backend, None, smmu.lookup_ste(sid) if smmu.enabled else None)
+
     def transaction(self, sid: int, iova: int, *, write: bool = False, length: int = 4,
                     data: bytes | None = None, ssid: int | None = None) -> TransactionResult:
         """One transaction from ``sid`` as the physical SMMU would see it (module policy).
 
-        An endpoint's transaction goes through the backend (sim only: other
-        backends cannot issue DMA); any other StreamID is judged from the
-        guest's stream table.  Events land in the guest event queue before
+        It takes the StreamID's route (:mod:`vsmmu.nesting.routes`): through the
+        backend's DMA for an endpoint the host acts on, else refused with the
+        guest event its STE names.  Events land in the guest event queue before
         this returns.  Never raises for guest data.
         """
-        payload = data if data is not None else bytes(length)
-        stream = self._streams.get(sid)
-        refused = self._refused_by_guest(sid, stream, iova, write, ssid)
-        if refused is not None:
-            return refused
-        assert stream is not None  # _refused_by_guest refuses a StreamID with no endpoint
-        sim = self._sim  # (the backend may be wrapped for fault injection; DMA is the sim's)
-        if sim is None:
-            return TransactionResult(sid, iova, write, False,
-                                     reason=f"the {self.backend.name} backend cannot issue DMA")
+        route = self._route(sid)
+        dma = route.dma
+        if dma is None:
+            return self._guest_refused(sid, route, iova, write, ssid)
         try:
             if write:
-                sim.dma_write(stream.dev_id, iova, payload)
-                result = TransactionResult(sid, iova, write, True)
-            else:
-                read = sim.dma_read(stream.dev_id, iova, length)
-                result = TransactionResult(sid, iova, write, True, data=read)
-        except DmaFault as fault:
-            self.drain_veventq()
-            return TransactionResult(sid, iova, write, False, event=fault.event,
-                                     reason=str(fault))
-        except IommufdError as exc:
-            return TransactionResult(sid, iova, write, False, reason=str(exc))
-        return result
-
-    def _refused_by_guest(self, sid: int, stream: Stream | None, iova: int, write: bool,
-                          ssid: int | None) -> TransactionResult | None:
-        """The result of a transaction the guest's stream table (or a missing endpoint)
-        refuses before the host sees it, with its event recorded; None when it goes on."""
-        smmu = self.smmu
-        if smmu.enabled:
-            lookup = stream.lookup if stream is not None and stream.lookup is not None \
-                else smmu.lookup_ste(sid)
-            if stream is None or lookup.status not in _HOST_EVENTS:
-                event = lookup.event(ssid)
-                if event is not None:
-                    self.record_event(event.encode(), "transaction")
-                    return TransactionResult(sid, iova, write, False, event=event,
-                                             reason=f"guest STE: {lookup.status.value}")
-                if stream is None:
-                    return TransactionResult(sid, iova, write, False,
-                                             reason="no endpoint at this StreamID")
-        elif stream is None:
-            return TransactionResult(sid, iova, write, False,
-                                     reason="SMMU disabled and no endpoint at this StreamID")
-        return None
-
-    def _direct(self, sid: int) -> Stream | None:
-        """The endpoint's stream when :meth:`transaction` would hand its access straight
-        to the sim (the SMMU is off, or its STE lookup is one the host acts on), else
-        None.  The DMA methods then skip building a :class:`TransactionResult`."""
-        stream = self._streams.get(sid)
-        if stream is None or self._sim is None:
-            return None
-        smmu = self._smmu
-        if smmu is None:
-            return None
-        if smmu.enabled:
-            lookup = stream.lookup
-            if lookup is None or lookup.status not in _HOST_EVENTS:
-                return None
-        return stream
+                dma.write(iova, data if data is not None else bytes(length))
+                return TransactionResult(sid, iova, write, True)
+            return TransactionResult(sid, iova, write, True, data=dma.read(iova, length))
+        except (DmaFault, IommufdError) as exc:
+            return self._host_refused(sid, iova, write, exc)
 
     def dma_read(self, sid: int, iova: int, length: int) -> bytes:
         """An endpoint's DMA read. Raises StreamFault when refused."""
-        stream = self._direct(sid)
-        if stream is not None and self._sim is not None:
-            try:
-                return self._sim.dma_read(stream.dev_id, iova, length)
-            except (DmaFault, IommufdError) as exc:
-                raise StreamFault(self._dma_refused(sid, iova, False, exc)) from None
-        result = self.transaction(sid, iova, length=length)
-        if not result.ok:
-            raise StreamFault(result)
-        return result.data
+        stream = self._streams.get(sid)
+        dma = stream.route.dma if stream is not None else None
+        if dma is None:
+            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, False, None))
+        try:
+            return dma.read(iova, length)
+        except (DmaFault, IommufdError) as exc:
+            raise StreamFault(self._host_refused(sid, iova, False, exc)) from None
 
     def dma_write(self, sid: int, iova: int, data: bytes) -> None:
         """An endpoint's DMA write. Raises StreamFault when refused."""
-        stream = self._direct(sid)
-        if stream is not None and self._sim is not None:
-            try:
-                self._sim.dma_write(stream.dev_id, iova, data)
-            except (DmaFault, IommufdError) as exc:
-                raise StreamFault(self._dma_refused(sid, iova, True, exc)) from None
-            return
-        result = self.transaction(sid, iova, write=True, data=data)
-        if not result.ok:
-            raise StreamFault(result)
+        stream = self._streams.get(sid)
+        dma = stream.route.dma if stream is not None else None
+        if dma is None:
+            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, True, None))
+        try:
+            dma.write(iova, data)
+        except (DmaFault, IommufdError) as exc:
+            raise StreamFault(self._host_refused(sid, iova, True, exc)) from None
 
     def dma_views(self, sid: int, iova: int, length: int, write: bool) -> list[memoryview]:
         """An endpoint's zero-copy DMA: host views of the whole translated range.
 
-        Judged as :meth:`transaction` judges an access (guest STE first, then
-        the backend); nothing is returned unless every page is allowed.
-        Raises StreamFault when refused.
+        Routed as :meth:`transaction` routes an access; nothing is returned
+        unless every page is allowed.  Raises StreamFault when refused.
         """
-        stream = self._direct(sid)
-        if stream is None:
-            stream = self._streams.get(sid)
-            refused = self._refused_by_guest(sid, stream, iova, write, None)
-            if refused is not None:
-                raise StreamFault(refused)
-        if stream is None or self._sim is None:
-            reason = f"the {self.backend.name} backend cannot issue DMA"
-            raise StreamFault(TransactionResult(sid, iova, write, False, reason=reason))
+        stream = self._streams.get(sid)
+        dma = stream.route.dma if stream is not None else None
+        if dma is None:
+            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, write, None))
         try:
-            return self._sim.dma_views(stream.dev_id, iova, length, write)
+            return dma.views(iova, length, write)
         except (DmaFault, IommufdError) as exc:
-            raise StreamFault(self._dma_refused(sid, iova, write, exc)) from None
+            raise StreamFault(self._host_refused(sid, iova, write, exc)) from None
 
-    def _dma_refused(self, sid: int, iova: int, write: bool,
-                     exc: DmaFault | IommufdError) -> TransactionResult:
-        """What :meth:`transaction` returns when the backend refuses the access."""
+    def _guest_refused(self, sid: int, route: Route, iova: int, write: bool,
+                 ssid: int | None) -> TransactionResult:
+        """A transaction its route refuses before any host: the guest's event, recorded."""
+        event = route.lookup.event(ssid) if route.lookup is not None else None
+        if event is not None:
+            self.record_event(event.encode(), "transaction")
+        return TransactionResult(sid, iova, write, False, event=event, reason=route.reason)
+
+    def _host_refused(self, sid: int, iova: int, write: bool,
+                      exc: DmaFault | IommufdError) -> TransactionResult:
+        """A transaction the host refused: its event (through the vEVENTQ) is drained first."""
         if isinstance(exc, DmaFault):
             self.drain_veventq()
             return TransactionResult(sid, iova, write, False, event=exc.event, reason=str(exc))

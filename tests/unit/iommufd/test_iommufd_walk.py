@@ -15,8 +15,8 @@ from vsmmu.arch.fields import Field
 from vsmmu.arch.pagetables import DESC, Ap
 from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.iommufd import uapi
-from vsmmu.iommufd.backend import HostMapping
-from vsmmu.iommufd.sim import DmaFault, SimIommufd
+from vsmmu.iommufd.backend import DmaFault, HostMapping
+from vsmmu.iommufd.sim import SimIommufd
 
 RAM_IPA = 0x4000_0000
 RAM_SIZE = 8 << 20

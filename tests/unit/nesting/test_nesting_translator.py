@@ -18,8 +18,8 @@ from vsmmu.arch.commands import CError
 from vsmmu.arch.events import Event, EventId
 from vsmmu.arch.registers import GBPA, GERROR, Reg
 from vsmmu.arch.ste import Eats
-from vsmmu.iommufd.backend import HostMapping, IommufdError, ObjType
-from vsmmu.iommufd.sim import DmaFault, HostPersonality, SimIommufd
+from vsmmu.iommufd.backend import DmaFault, HostMapping, IommufdError, ObjType
+from vsmmu.iommufd.sim import HostPersonality, SimIommufd
 from vsmmu.iommufd.uapi import VSTE_WORD0_ALLOWED, VSTE_WORD1_ALLOWED
 from vsmmu.nesting import (
     ABORT_VSTE,

@@ -21,14 +21,13 @@ from vsmmu.iommufd.sim.objects import (
     SimVeventq,
     SimViommu,
 )
-from vsmmu.iommufd.sim.physical_smmu import ALLOWED_INVALIDATIONS, DmaFault, PhysicalSmmu
+from vsmmu.iommufd.sim.physical_smmu import ALLOWED_INVALIDATIONS, PhysicalSmmu
 
 __all__ = [
     "ALLOWED_INVALIDATIONS",
     "QEMU_SMMUV3",
     "TLB_PAGE_SHIFT",
     "TLB_PAGE_SIZE",
-    "DmaFault",
     "HostPersonality",
     "IoasMap",
     "Iotlb",

@@ -25,6 +25,7 @@ IOTLB and the fault policy).  Raw ``/dev/iommu`` ioctls are decoded by
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TypeVar
@@ -482,6 +483,10 @@ class SimIommufd(IoctlTarget):
 
     # --- DMA of emulated endpoints (the sim plays the physical SMMU) ---
 
+    def device_dma(self, dev_id: int) -> SimDeviceDma:
+        """Device ``dev_id``'s DMA through the simulated physical SMMU (:meth:`dma_read`...)."""
+        return SimDeviceDma(self, dev_id)
+
     def dma_read(self, dev_id: int, iova: int, length: int) -> bytes:
         """Read ``length`` bytes at ``iova`` as device ``dev_id``; raises DmaFault."""
         # Fast path: an IOTLB hit within one 4K page (no allocation beyond the result).
@@ -564,3 +569,13 @@ class SimIommufd(IoctlTarget):
                 obj.queue.close()
 
 
+class SimDeviceDma:
+    """The :class:`~vsmmu.iommufd.backend.DeviceDma` of one mock device: its accesses are
+    :meth:`SimIommufd.dma_read`, :meth:`~SimIommufd.dma_write` and
+    :meth:`~SimIommufd.dma_views` with the device bound in (no extra call per access)."""
+
+    def __init__(self, sim: SimIommufd, dev_id: int) -> None:
+        self.dev_id = dev_id
+        self.read = functools.partial(sim.dma_read, dev_id)
+        self.write = functools.partial(sim.dma_write, dev_id)
+        self.views = functools.partial(sim.dma_views, dev_id)

@@ -80,7 +80,7 @@ from vsmmu.arch.pagetables import (
 )
 from vsmmu.arch.registers import OAS_BITS, Oas
 from vsmmu.arch.ste import STE, S1Fmt, SteConfig
-from vsmmu.iommufd.backend import IommufdError
+from vsmmu.iommufd.backend import DmaFault, IommufdError
 from vsmmu.iommufd.sim.iotlb import (
     TLB_CAPACITY,
     TLB_PAGE_MASK,
@@ -130,20 +130,6 @@ ALLOWED_INVALIDATIONS = frozenset(
         CmdOpcode.CFGI_CD_ALL,
     }
 )
-
-
-class DmaFault(Exception):
-    """A DMA of an emulated endpoint could not complete.
-
-    ``event`` is the architectural event (None when the transaction was
-    silently aborted or blocked); ``delivered`` tells whether it went to a
-    vEVENTQ (with the vSID) rather than to the host log.
-    """
-
-    def __init__(self, message: str, event: Event | None = None, delivered: bool = False) -> None:
-        super().__init__(message)
-        self.event = event
-        self.delivered = delivered
 
 
 @dataclass(frozen=True, slots=True)
