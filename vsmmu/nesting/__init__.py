@@ -15,13 +15,8 @@ Public API:
 
 from vsmmu.nesting.policy import CBadStePolicy
 from vsmmu.nesting.routes import NestingError, Route, StreamFault, TransactionResult
-from vsmmu.nesting.translator import (
-    GuestObjects,
-    NestedHwpt,
-    NestingTranslator,
-    Stream,
-    TranslatorObserver,
-)
+from vsmmu.nesting.state import GuestObjects, NestedHwpt, Stream, TranslatorObserver
+from vsmmu.nesting.translator import NestingTranslator
 from vsmmu.nesting.vste import ABORT_VSTE, BYPASS_VSTE, INVALID_VSTE, VsteWords, vste_for
 
 __all__ = [

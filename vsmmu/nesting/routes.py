@@ -26,11 +26,14 @@ layer's error base (:class:`NestingError`).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+from collections.abc import Mapping
+from typing import Protocol
 
 from vsmmu.arch.events import Event
-from vsmmu.iommufd.backend import DeviceDma, IommufdBackend
-from vsmmu.smmu import SteLookup, SteStatus
+from vsmmu.iommufd.backend import DeviceDma, DmaFault, IommufdBackend, IommufdError
+from vsmmu.smmu import SmmuV3, SteLookup, SteStatus
 
 HOST_ACTS_ON = frozenset({SteStatus.INVALID, SteStatus.ILLEGAL, SteStatus.VALID})
 """Guest STE states of an endpoint the host acts on: the translator installs a vSTE for each
@@ -99,3 +102,133 @@ class StreamFault(NestingError):
         super().__init__(f"DMA {'write' if result.write else 'read'} by SID {result.sid:#x} at "
                          f"IOVA {result.iova:#x} refused: {result.reason}")
         self.result = result
+
+
+class RoutedStream(Protocol):
+    """What routing needs of an endpoint stream (:class:`vsmmu.nesting.state.Stream`)."""
+
+    sid: int
+    dev_id: int
+    lookup: SteLookup | None
+    route: Route
+
+
+class RoutedTransactions(abc.ABC):
+    """The per-access half of the translator: every transaction follows its stream's route.
+
+    The translator keeps each endpoint :class:`~vsmmu.nesting.state.Stream`'s
+    ``route`` current through :meth:`_reroute`; the DMA methods only look it
+    up (one dict lookup and the call), so the endpoints' data path costs
+    nothing for deciding.
+    """
+
+    backend: IommufdBackend
+    _streams: Mapping[int, RoutedStream]
+    _smmu: SmmuV3 | None
+
+    @property
+    @abc.abstractmethod
+    def smmu(self) -> SmmuV3:
+        """The bound model (NestingError before it is bound)."""
+
+    @abc.abstractmethod
+    def record_event(self, record: bytes, origin: str) -> bool:
+        """Write an event record to the guest event queue."""
+
+    @abc.abstractmethod
+    def drain_veventq(self) -> int:
+        """Read the host's vEVENTQ into the guest event queue."""
+
+    def _reroute(self, stream: RoutedStream) -> None:
+        """Decide ``stream``'s route again (its STE, the enable state or its device changed)."""
+        smmu = self._smmu
+        lookup = None
+        if smmu is not None and smmu.enabled:
+            lookup = stream.lookup if stream.lookup is not None else smmu.lookup_ste(stream.sid)
+        stream.route = decide(self.backend, stream.dev_id, lookup)
+
+    def _reroute_all(self) -> None:
+        for stream in self._streams.values():
+            self._reroute(stream)
+
+    def _route(self, sid: int) -> Route:
+        """The route of ``sid``: an endpoint's as kept, any other's from the stream table now."""
+        stream = self._streams.get(sid)
+        if stream is not None:
+            return stream.route
+        smmu = self.smmu
+        return decide(self.backend, None, smmu.lookup_ste(sid) if smmu.enabled else None)
+
+    def transaction(self, sid: int, iova: int, *, write: bool = False, length: int = 4,
+                    data: bytes | None = None, ssid: int | None = None) -> TransactionResult:
+        """One transaction from ``sid`` as the physical SMMU would see it (module policy).
+
+        It takes the StreamID's route (:mod:`vsmmu.nesting.routes`): through the
+        backend's DMA for an endpoint the host acts on, else refused with the
+        guest event its STE names.  Events land in the guest event queue before
+        this returns.  Never raises for guest data.
+        """
+        route = self._route(sid)
+        dma = route.dma
+        if dma is None:
+            return self._guest_refused(sid, route, iova, write, ssid)
+        try:
+            if write:
+                dma.write(iova, data if data is not None else bytes(length))
+                return TransactionResult(sid, iova, write, True)
+            return TransactionResult(sid, iova, write, True, data=dma.read(iova, length))
+        except (DmaFault, IommufdError) as exc:
+            return self._host_refused(sid, iova, write, exc)
+
+    def dma_read(self, sid: int, iova: int, length: int) -> bytes:
+        """An endpoint's DMA read. Raises StreamFault when refused."""
+        stream = self._streams.get(sid)
+        dma = stream.route.dma if stream is not None else None
+        if dma is None:
+            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, False, None))
+        try:
+            return dma.read(iova, length)
+        except (DmaFault, IommufdError) as exc:
+            raise StreamFault(self._host_refused(sid, iova, False, exc)) from None
+
+    def dma_write(self, sid: int, iova: int, data: bytes) -> None:
+        """An endpoint's DMA write. Raises StreamFault when refused."""
+        stream = self._streams.get(sid)
+        dma = stream.route.dma if stream is not None else None
+        if dma is None:
+            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, True, None))
+        try:
+            dma.write(iova, data)
+        except (DmaFault, IommufdError) as exc:
+            raise StreamFault(self._host_refused(sid, iova, True, exc)) from None
+
+    def dma_views(self, sid: int, iova: int, length: int, write: bool) -> list[memoryview]:
+        """An endpoint's zero-copy DMA: host views of the whole translated range.
+
+        Routed as :meth:`transaction` routes an access; nothing is returned
+        unless every page is allowed.  Raises StreamFault when refused.
+        """
+        stream = self._streams.get(sid)
+        dma = stream.route.dma if stream is not None else None
+        if dma is None:
+            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, write, None))
+        try:
+            return dma.views(iova, length, write)
+        except (DmaFault, IommufdError) as exc:
+            raise StreamFault(self._host_refused(sid, iova, write, exc)) from None
+
+    def _guest_refused(self, sid: int, route: Route, iova: int, write: bool,
+                 ssid: int | None) -> TransactionResult:
+        """A transaction its route refuses before any host: the guest's event, recorded."""
+        event = route.lookup.event(ssid) if route.lookup is not None else None
+        if event is not None:
+            self.record_event(event.encode(), "transaction")
+        return TransactionResult(sid, iova, write, False, event=event, reason=route.reason)
+
+    def _host_refused(self, sid: int, iova: int, write: bool,
+                      exc: DmaFault | IommufdError) -> TransactionResult:
+        """A transaction the host refused: its event (through the vEVENTQ) is drained first."""
+        if isinstance(exc, DmaFault):
+            self.drain_veventq()
+            return TransactionResult(sid, iova, write, False, event=exc.event, reason=str(exc))
+        return TransactionResult(sid, iova, write, False, reason=str(exc))

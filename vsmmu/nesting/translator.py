@@ -60,28 +60,25 @@ here; :class:`NestingError` is raised only for caller mistakes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import logging
 import os
 import struct
 from collections.abc import Sequence
 
-from vsmmu.arch.events import EVENT_SIZE, Event, EventId, decode_event, encode_event
+from vsmmu.arch.events import EVENT_SIZE, EventId, decode_event, encode_event
 from vsmmu.arch.registers import QUEUE_BASE
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import (
-    DmaFault,
     HostMapping,
     IommufdBackend,
     IommufdError,
-    VeventqHandle,
 )
-from vsmmu.nesting import routes
 from vsmmu.nesting.policy import CBadStePolicy
-from vsmmu.nesting.routes import NestingError, Route, StreamFault, TransactionResult
+from vsmmu.nesting.routes import NestingError, RoutedTransactions
+from vsmmu.nesting.state import GuestObjects, NestedHwpt, Stream, TranslatorObserver
 from vsmmu.nesting.vste import ABORT_VSTE, BYPASS_VSTE, INVALID_VSTE, VsteWords, vste_for
-from vsmmu.smmu import GbpaState, QueuedCommand, SmmuV3, SteLookup, SteStatus, StreamTableConfig
+from vsmmu.smmu import GbpaState, QueuedCommand, SmmuV3, SteStatus, StreamTableConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,66 +88,7 @@ _VEVENTQ_READ_SIZE = 64 * (uapi.VEVENT_HEADER_SIZE + uapi.VEVENT_ARM_SMMUV3_SIZE
 _VALID = SteStatus.VALID
 
 
-class TranslatorObserver:
-    """Hears what the translator did, for QMP events and statistics (no-op by default)."""
-
-    def event_recorded(self, event: Event, written: bool, origin: str) -> None:
-        """A record was offered to the guest event queue (``written``: it fit)."""
-
-    def event_overflow(self, origin: str) -> None:
-        """The guest event queue was flagged as overflowed."""
-
-    def hwpt_allocated(self, sid: int, vste: VsteWords, hwpt_id: int | None,
-                       error: IommufdError | None) -> None:
-        """A nested HWPT was allocated for ``sid`` (``error`` set when it failed)."""
-
-
-@dataclasses.dataclass
-class NestedHwpt:
-    """A nested HWPT the translator allocated: its vSTE and the streams attached to it."""
-
-    id: int
-    vste: VsteWords
-    users: set[int] = dataclasses.field(default_factory=set)
-    proxy: bool = False
-
-
-@dataclasses.dataclass
-class Stream:
-    """One endpoint's StreamID, its iommufd device, and what is installed for it."""
-
-    sid: int
-    name: str
-    dev_id: int
-    vdev_id: int | None = None
-    lookup: SteLookup | None = None
-    vste: VsteWords | None = None
-    hwpt: NestedHwpt | None = None
-    on_ioas: bool = False
-    error: str = ""
-    route: Route = routes.UNCONFIGURED
-    """Where its transactions go (:mod:`vsmmu.nesting.routes`), kept current by the translator."""
-
-    @property
-    def attachment(self) -> str:
-        """What the device is attached to, in words."""
-        if self.hwpt is not None:
-            return f"nested HWPT {self.hwpt.id}"
-        return "IOAS (GBPA bypass)" if self.on_ioas else "nothing (blocked)"
-
-
-@dataclasses.dataclass
-class GuestObjects:
-    """The iommufd objects that exist while the guest has the SMMU enabled."""
-
-    s2_hwpt: int | None = None
-    viommu: int | None = None
-    veventq: VeventqHandle | None = None
-    hwpts: dict[VsteWords, NestedHwpt] = dataclasses.field(default_factory=dict)
-    vdevices: list[int] = dataclasses.field(default_factory=list)
-
-
-class NestingTranslator:
+class NestingTranslator(RoutedTransactions):
     """The vSMMU's :class:`~vsmmu.smmu.ConfigSink` over an iommufd backend (module doc)."""
 
     def __init__(self, backend: IommufdBackend, *,
@@ -308,8 +246,8 @@ class NestingTranslator:
             return True
         ok = True
         if first_sid == last_sid:
-            stream = self._streams.get(first_sid)
-            return self._install(stream) if stream is not None else True
+            only = self._streams.get(first_sid)
+            return self._install(only) if only is not None else True
         for sid, stream in self._streams.items():
             if first_sid <= sid <= last_sid:
                 ok = self._install(stream) and ok
@@ -641,102 +579,6 @@ class NestingTranslator:
             self.record_event(record, "veventq")
             count += 1
         return count
-
-    # ------------------------------------------------------------ transactions
-
-    def _reroute(self, stream: Stream) -> None:
-        """Decide ``stream``'s route again (its STE, the enable state or its device changed)."""
-        smmu = self._smmu
-        lookup = None
-        if smmu is not None and smmu.enabled:
-            lookup = stream.lookup if stream.lookup is not None else smmu.lookup_ste(stream.sid)
-        stream.route = routes.decide(self.backend, stream.dev_id, lookup)
-
-    def _reroute_all(self) -> None:
-        for stream in self._streams.values():
-            self._reroute(stream)
-
-    def _route(self, sid: int) -> Route:
-        """The route of ``sid``: an endpoint's as kept, any other's from the stream table now."""
-        stream = self._streams.get(sid)
-        if stream is not None:
-            return stream.route
-        smmu = self.smmu
-        return routes.decide(self.backend, None, smmu.lookup_ste(sid) if smmu.enabled else None)
-
-    def transaction(self, sid: int, iova: int, *, write: bool = False, length: int = 4,
-                    data: bytes | None = None, ssid: int | None = None) -> TransactionResult:
-        """One transaction from ``sid`` as the physical SMMU would see it (module policy).
-
-        It takes the StreamID's route (:mod:`vsmmu.nesting.routes`): through the
-        backend's DMA for an endpoint the host acts on, else refused with the
-        guest event its STE names.  Events land in the guest event queue before
-        this returns.  Never raises for guest data.
-        """
-        route = self._route(sid)
-        dma = route.dma
-        if dma is None:
-            return self._guest_refused(sid, route, iova, write, ssid)
-        try:
-            if write:
-                dma.write(iova, data if data is not None else bytes(length))
-                return TransactionResult(sid, iova, write, True)
-            return TransactionResult(sid, iova, write, True, data=dma.read(iova, length))
-        except (DmaFault, IommufdError) as exc:
-            return self._host_refused(sid, iova, write, exc)
-
-    def dma_read(self, sid: int, iova: int, length: int) -> bytes:
-        """An endpoint's DMA read. Raises StreamFault when refused."""
-        stream = self._streams.get(sid)
-        dma = stream.route.dma if stream is not None else None
-        if dma is None:
-            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, False, None))
-        try:
-            return dma.read(iova, length)
-        except (DmaFault, IommufdError) as exc:
-            raise StreamFault(self._host_refused(sid, iova, False, exc)) from None
-
-    def dma_write(self, sid: int, iova: int, data: bytes) -> None:
-        """An endpoint's DMA write. Raises StreamFault when refused."""
-        stream = self._streams.get(sid)
-        dma = stream.route.dma if stream is not None else None
-        if dma is None:
-            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, True, None))
-        try:
-            dma.write(iova, data)
-        except (DmaFault, IommufdError) as exc:
-            raise StreamFault(self._host_refused(sid, iova, True, exc)) from None
-
-    def dma_views(self, sid: int, iova: int, length: int, write: bool) -> list[memoryview]:
-        """An endpoint's zero-copy DMA: host views of the whole translated range.
-
-        Routed as :meth:`transaction` routes an access; nothing is returned
-        unless every page is allowed.  Raises StreamFault when refused.
-        """
-        stream = self._streams.get(sid)
-        dma = stream.route.dma if stream is not None else None
-        if dma is None:
-            raise StreamFault(self._guest_refused(sid, self._route(sid), iova, write, None))
-        try:
-            return dma.views(iova, length, write)
-        except (DmaFault, IommufdError) as exc:
-            raise StreamFault(self._host_refused(sid, iova, write, exc)) from None
-
-    def _guest_refused(self, sid: int, route: Route, iova: int, write: bool,
-                 ssid: int | None) -> TransactionResult:
-        """A transaction its route refuses before any host: the guest's event, recorded."""
-        event = route.lookup.event(ssid) if route.lookup is not None else None
-        if event is not None:
-            self.record_event(event.encode(), "transaction")
-        return TransactionResult(sid, iova, write, False, event=event, reason=route.reason)
-
-    def _host_refused(self, sid: int, iova: int, write: bool,
-                      exc: DmaFault | IommufdError) -> TransactionResult:
-        """A transaction the host refused: its event (through the vEVENTQ) is drained first."""
-        if isinstance(exc, DmaFault):
-            self.drain_veventq()
-            return TransactionResult(sid, iova, write, False, event=exc.event, reason=str(exc))
-        return TransactionResult(sid, iova, write, False, reason=str(exc))
 
     # ------------------------------------------------------------ shutdown
 
