@@ -12,7 +12,7 @@ export VSMMU_CACHE := $(CACHE)
 STAMP    := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup venv qemu guest run test test-fast bench soak lint clean doctor
+.PHONY: setup venv qemu guest host-lane run test test-fast bench soak lint clean doctor
 
 setup: venv qemu guest
 
@@ -37,14 +37,20 @@ guest: venv
 	@$(PY) -m guest_images --cache $(CACHE)
 	@$(PY) -m guest_images --cache $(CACHE) --suite $(NEWER_GUEST_SUITE)
 
+# The host lane (README, "The host lane"): QEMU's nesting SMMUv3 running an
+# iommufd kernel built once from Debian's source (~12 min on 2 cores, cached).
+# Only `make test` needs it; `make run` does not wait for a kernel build.
+host-lane: setup
+	@$(PY) -m qmp_harness.host_lane setup
+
 run: setup
 	@$(PY) -m vsmmu.cli demo --cache $(CACHE)
 
-test: setup
+test: setup host-lane
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
-	@$(PY) -m pytest -m "not e2e and not integration" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not e2e and not integration and not host_lane" $(PYTEST_ARGS)
 
 bench: setup
 	@$(PY) -m benchmarks --cache $(CACHE)

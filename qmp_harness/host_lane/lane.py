@@ -282,10 +282,13 @@ async def _boot(argv: list[str], env: dict[str, str], marker: str, timeout: floa
             while raw := await proc.stdout.readline():
                 line = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
                 console.append(line)
-                if line.startswith(begin):
+                # The firmware leaves terminal escapes without a newline before /init's
+                # first line, so the markers are searched for, not matched at the start.
+                if begin in line:
                     inside, init_seconds = True, time.monotonic() - started
-                elif line.startswith(end):
-                    inside, status = False, int(line[len(end):].strip() or -1)
+                elif end in line:
+                    words = line.split(end, 1)[1].split()
+                    inside, status = False, int(words[0]) if words else -1
                 elif inside:
                     output.append(line)
                     if echo:

@@ -45,11 +45,11 @@ PROJECT_PACKAGES = ("vsmmu", "qmp_harness", "guest_images", "tests")
 """This project's top-level directories that go into the lane."""
 DISTRIBUTIONS = (
     "construct", "qemu.qmp", "pyelftools", "pytest", "pluggy", "iniconfig", "packaging",
-    "pygments", "pytest-asyncio", "hypothesis", "sortedcontainers", "attrs",
-    "typing_extensions",
+    "pygments", "pytest-asyncio", "typing_extensions",
 )
 """Pure-Python distributions of the venv (the project's and its tests' dependencies) the lane
-carries, with their metadata so pytest finds its plugins; absent ones are skipped."""
+carries, with their metadata so pytest finds its plugins; absent ones are skipped.
+(hypothesis is not among them: it ships a compiled extension for the host.)"""
 GUEST_SITE = "lane/site"
 GUEST_PROJECT = "lane/project"
 
