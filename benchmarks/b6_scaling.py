@@ -27,10 +27,11 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks.b5_translation import NestedTable
-from benchmarks.report import BenchmarkError, RoundBenchmark, Section, Settings
+from benchmarks.report import BenchmarkError, RoundBenchmark, Section, Settings, sample_round
 from vsmmu.arch import CmdOpcode, Ste, SteConfig, encode_command
 from vsmmu.arch.commands import SyncCs, encode_cfgi_all
 from vsmmu.arch.registers import GERROR, Reg
@@ -181,11 +182,15 @@ class ScalingBenchmark(RoundBenchmark):
         self.miss: dict[int, list[float]] = {n: [] for n in self.pages}
 
     async def round(self, index: int) -> None:
-        """One sample of each size; the sizes in a rotating order."""
-        for n in _rotated(self.streams, index):
-            self.cfgi[n].append(self.rigs[n].sample())
-        for n in _rotated(self.pages, index):
-            self.miss[n].append(misses_us(self.table, n))
+        """One sample of each size: the in-process ones in rotating order, each from a
+        collected heap with the GC paused (:func:`sample_round`), then the services."""
+        samplers = [*(self.rigs[n].sample for n in self.streams),
+                    *(partial(misses_us, self.table, n) for n in self.pages)]
+        samples = iter(sample_round(self.settings, index, samplers))
+        for n in self.streams:
+            self.cfgi[n].append(next(samples))
+        for n in self.pages:
+            self.miss[n].append(next(samples))
         for n in _rotated(self.endpoints, index):
             self.rss[n].append(await service_rss_kib(n) / KIB)
 
