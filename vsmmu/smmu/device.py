@@ -26,7 +26,8 @@ Behaviour (Arm IHI 0070; choices where the architecture leaves one):
   cached, nothing stalls).  CMD_SYNC with CS=SIG_IRQ, when IDR0.MSI is
   advertised, completes with its MSI: the 32-bit MSIData stored at
   MSIAddress in guest RAM (coherent, so Linux polls that word instead of
-  reading CMDQ_CONS); a store outside guest RAM raises
+  reading CMDQ_CONS), stored when the PROD write's consumption ends (after
+  the observer saw the commands); a store outside guest RAM raises
   GERROR.MSI_CMDQ_ABT_ERR and the queue goes on.  Without IDR0.MSI, CS=IRQ
   is treated as CS=NONE; CS=SEV needs no action.  CFGI_STE for a SID at
   or above 2**SIDSIZE is a no-op.
@@ -166,6 +167,7 @@ class SmmuV3:
         """Commands consumed since creation (for benchmarks and QMP statistics)."""
         self.sync_msis = 0
         """CMD_SYNC completion MSIs written (or attempted) since creation."""
+        self._msis: list[tuple[int, int]] = []
         self.observer: SmmuObserver | None = None
         """Told of each consume and each event lost to a full queue (the sanitizer)."""
         self._kinds = self._command_kinds()
@@ -552,6 +554,12 @@ class SmmuV3:
             self._command_error(error, q, cons)
         if self.observer is not None:
             self.observer.commands_consumed(first, cons)
+        # The MSIs go out once the consumed commands have been seen: Linux points a
+        # SYNC's MSI at the SYNC's own slot, which an observer reads back from the queue.
+        if self._msis:
+            msis, self._msis = self._msis, []
+            for address, data in msis:
+                self._sync_msi(address, data)
 
     def _fetch_commands(self, address: int, count: int) -> bytes:
         """Read up to ``count`` commands; a short result means the next one is unreadable."""
@@ -594,7 +602,7 @@ class SmmuV3:
                 return CError.ILL
             self.sink.sync()
             if cs == SyncCs.IRQ and self.features.msi:
-                self._sync_msi(CMD.SYNC_MSIADDR.get(dw1), CMD.SYNC_MSIDATA.get(dw0))
+                self._msis.append((CMD.SYNC_MSIADDR.get(dw1), CMD.SYNC_MSIDATA.get(dw0)))
             return _CERROR_NONE
         if kind == _CFGI_STE_RANGE:
             range_ = CMD.RANGE.get(dw1)

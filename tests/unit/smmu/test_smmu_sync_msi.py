@@ -120,3 +120,29 @@ def test_irq_cfg_registers_hold_what_the_guest_writes_until_reset(smmu: SmmuV3) 
         assert smmu.read(reg, size) == expected, reg.name
     smmu.reset()
     assert all(smmu.read(reg, size) == 0 for reg, (size, _, _) in writes.items())
+
+
+def test_observer_sees_the_sync_before_its_msi_overwrites_the_slot(
+        driver: GuestDriver, ram: GuestRam, smmu: SmmuV3) -> None:
+    # An observer (the sanitizer) reads the consumed commands back from the queue; Linux's
+    # MSI lands on the SYNC's own slot, so it must be stored after the observer looked.
+    seen: list[int] = []
+
+    class Observer:
+        def commands_consumed(self, first: int, end: int) -> None:
+            pointer = first
+            while pointer != end:
+                seen.append(int.from_bytes(ram.read(slot_address(driver, pointer), 1), "little"))
+                pointer = driver.cmdq.increment(pointer)
+
+        def event_queue_full(self, record: bytes) -> None:
+            pass
+
+        def reset(self) -> None:
+            pass
+
+    smmu.observer = Observer()  # type: ignore[assignment]
+    sync_slot = slot_address(driver, driver.cmdq.increment(driver.cmdq_prod))
+    driver.issue(TLBI_ALL, msi_sync(sync_slot), sync=False)
+    assert seen == [CmdOpcode.TLBI_NH_ALL, CmdOpcode.SYNC]
+    assert ram.read(sync_slot, 4) == bytes(4)
