@@ -421,10 +421,13 @@ class Summary:
         lines += [f"  known {key}: {n}" for key, n in sorted(known.items())]
         lines.append("by kind: " + ", ".join(f"{k}={n}" for k, n in self.by_kind().items()))
         lines.append("events seen: " + ", ".join(f"{k}={n}" for k, n in self.event_ids().items()))
+        only: dict[tuple[str | None, str, str], int] = {}
         for outcome in self.outcomes:
             if outcome.verdict is Verdict.ONE_TARGET:
-                lines.append(f"only on {outcome.scenario.only}: {outcome.scenario.name} "
-                             f"({outcome.scenario.only_reason})")
+                key = (outcome.scenario.only, outcome.scenario.name, outcome.scenario.only_reason)
+                only[key] = only.get(key, 0) + 1
+        for (target, name, reason), count in only.items():
+            lines.append(f"only on {target}: {name} x{count} ({reason})")
         if details:
             lines += [o.report() for o in self.outcomes if o.verdict is Verdict.NEW]
         return "\n".join(lines)
