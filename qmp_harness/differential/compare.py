@@ -144,10 +144,6 @@ def _stale(scenario: Scenario, step: Step) -> bool:
     return step.dma.may_be_stale
 
 
-def _permission_before_access(scenario: Scenario, step: Step) -> bool:
-    return step.same_but_id() and step.ids() == ([F_ACCESS], [F_PERMISSION])
-
-
 def _addr_size_before_access_permission(scenario: Scenario, step: Step) -> bool:
     mine, theirs = step.ids()
     return (step.same_but_id() and mine == [F_ADDR_SIZE]
@@ -208,19 +204,13 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         _stale, "stale/…-tlbi{none,other-asid}: leaf changed, DMA before the TLBI",
         window_may_differ=True),
     KnownDifference(
-        "qemu-permission-before-access",
-        "A write to a read-only leaf with AF=0 (CD.AFFD=0, no HTTU): QEMU records "
-        "F_PERMISSION, we record F_ACCESS.",
-        "IHI 0070 §3.13.1: 'An Access fault takes priority over a Permission fault'. "
-        "QEMU checks permissions first; we follow the architecture.",
-        _permission_before_access, "translate/…-ap{2,3}af0: read-only leaf with AF=0"),
-    KnownDifference(
         "qemu-addr-size-after-permission",
         "A leaf whose output address is beyond the CD's effective IPS, and read-only or AF=0: "
         "QEMU records F_PERMISSION/F_ACCESS, we record F_ADDR_SIZE.",
         "IHI 0070 §3.4 and §5.4 IPS: the output address is range-checked as part of the walk "
         "(F_ADDR_SIZE); the Access flag and then permissions are checked on the walk's result "
-        "(Arm ARM fault prioritisation, which §3.13.1 follows). QEMU checks them first.",
+        "(Arm ARM fault prioritisation; §3.13.1 puts Access before Permission, as both SMMUs "
+        "do). QEMU checks the output address last.",
         _addr_size_before_access_permission,
         "walk-fault/…-ap{2,3}-…-output-beyond-ips, walk-fault/…af0-…-output-beyond-ips"),
     KnownDifference(
