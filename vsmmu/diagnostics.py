@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable, Mapping
 
 from vsmmu.arch.events import EVENT_SIZE, EVT, EventId, encode_event
-from vsmmu.endpoints.base import Endpoint
+from vsmmu.endpoints.base import DmaPort, Endpoint
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import ObjType
 from vsmmu.iommufd.faults import BackendOp, FaultInjectingBackend
@@ -56,11 +56,13 @@ class Diagnostics:
     """The sanitizer and fault injection of one service (module docstring)."""
 
     def __init__(self, smmu: SmmuV3, translator: NestingTranslator,
-                 endpoints: Mapping[int, Endpoint], emit: Emit,
+                 endpoints: Mapping[int, Endpoint], ports: Mapping[int, DmaPort], emit: Emit,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.smmu = smmu
         self.translator = translator
         self.endpoints = endpoints
+        self.ports = ports
+        """The DMA port the service bound to each emulated endpoint, by StreamID."""
         self.emit = emit
         self.loop = loop
         self.sanitizer = Sanitizer(smmu, translator, self._guest_error,
@@ -80,12 +82,9 @@ class Diagnostics:
         else:
             self.sanitizer.disable()
             self._cancel_idle_check()
-        for sid, endpoint in self.endpoints.items():
-            port = endpoint.dma
-            if on and not isinstance(port, SanitizedDmaPort):
-                endpoint.bind_dma(SanitizedDmaPort(port, self.sanitizer, sid))
-            elif not on and isinstance(port, SanitizedDmaPort):
-                endpoint.bind_dma(port.inner)
+        for sid, port in self.ports.items():
+            endpoint = self.endpoints[sid]
+            endpoint.bind_dma(SanitizedDmaPort(port, self.sanitizer, sid) if on else port)
 
     def _guest_error(self, error: GuestError) -> None:
         logger.warning("guest error: %s", error)

@@ -243,6 +243,8 @@ class Service:
         self.smmu_pci: PciDevice | None = None
         self.monitor: QmpMonitor | None = None
         self.diagnostics: Diagnostics | None = None
+        self.dma_ports: dict[int, StreamDmaPort] = {}
+        """The DMA port of each emulated endpoint (the sanitizer wraps them while on)."""
         self.servers: dict[str, VfioUserServer] = {}
         self.endpoints: dict[int, Endpoint] = {}
         self._stop_requested = asyncio.Event()
@@ -283,7 +285,8 @@ class Service:
             await self.stop()
             raise ServiceError(str(exc)) from None
         assert self.smmu is not None
-        self.diagnostics = Diagnostics(self.smmu, translator, self.endpoints, self.emit, loop)
+        self.diagnostics = Diagnostics(self.smmu, translator, self.endpoints, self.dma_ports,
+                                       self.emit, loop)
         self.diagnostics.set_sanitize(config.sanitize)
         self.monitor = QmpMonitor(config.qmp_path)
         self._register_qmp(self.monitor)
@@ -400,7 +403,8 @@ class Service:
                                    "backend (their DMA is translated by it)")
             dev_id = self.backend.create_mock_device(sid, name=endpoint.name)
             translator.add_endpoint(sid, dev_id, endpoint.name)
-            endpoint.bind_dma(StreamDmaPort(translator, sid))
+            port = self.dma_ports[sid] = StreamDmaPort(translator, sid)
+            endpoint.bind_dma(port)
         self.endpoints[sid] = endpoint
         self.servers[endpoint.name] = VfioUserServer(endpoint.pci,
                                                      self.endpoint_socket(endpoint.name))

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
+import vsmmu.diagnostics
 from vsmmu.arch import CmdOpcode, Ste, SteConfig, encode_command
 from vsmmu.arch.commands import COMMAND_SIZE, CError, SyncCs
 from vsmmu.arch.events import EVENT_SIZE, EventId, decode_event
@@ -273,8 +274,9 @@ async def test_write_ste_fault_injection_then_transaction(tmp_path: Path) -> Non
     async with running(tmp_path) as (_, guest, qmp, _e):
         await guest.enable()
         await guest.write_ste(EP_SID, Ste(v=1, config=SteConfig.BYPASS))
-        # Config=0b001 is reserved: the STE becomes ILLEGAL.
-        corrupt = Ste(v=1, config=0b001).encode()
+        # Stage 2 on a vSMMU without S2P: the STE becomes ILLEGAL (the reserved Configs
+        # 0b001-0b011 behave as abort since 8594cb9, so they no longer make one).
+        corrupt = Ste(v=1, config=SteConfig.S2_TRANS).encode()
         result = await qmp.execute("x-vsmmu-write-ste", {
             "sid": EP_SID, "dwords": [int.from_bytes(corrupt[:8], "little")]})
         assert result["status"] == "ILLEGAL"  # type: ignore[index]
@@ -315,3 +317,85 @@ async def test_device_reset_destroys_guest_objects(tmp_path: Path) -> None:
         assert not await iommufd_rows(qmp, "veventq")
         state = await qmp.execute("query-vsmmu")
         assert state["enabled"] is False and state["guest-objects"] == []  # type: ignore[index]
+
+
+# ---------------------------------------------------------------- sanitizer, fault injection
+
+CD_A = RAM_GPA + 0x30000
+CD_B = RAM_GPA + 0x30040
+DIAG_TIMEOUT = 10.0
+
+
+async def guest_error(qmp: QMPClient, kind: str) -> dict[str, object]:
+    async def wait() -> dict[str, object]:
+        async for event in qmp.events:
+            if event["event"] == "VSMMU_GUEST_ERROR" and event["data"]["kind"] == kind:
+                return dict(event["data"])
+        raise AssertionError("event stream ended")
+    return await asyncio.wait_for(wait(), DIAG_TIMEOUT)
+
+
+async def counts(qmp: QMPClient) -> dict[str, int]:
+    state = await qmp.execute("query-vsmmu")
+    return {k: n for k, n in state["sanitizer"]["counts"].items() if n}  # type: ignore[index]
+
+
+async def torn_update(guest: Guest) -> None:
+    """A live S1 STE whose S1ContextPtr (dw0) and S1CIR (dw1) change between two CFGIs."""
+    await guest.write_ste(EP_SID, Ste(v=1, config=SteConfig.S1_TRANS, s1_context_ptr=CD_A))
+    await guest.write_ste(EP_SID, Ste(v=1, config=SteConfig.S1_TRANS, s1_context_ptr=CD_B,
+                                      s1cir=1))
+
+
+async def test_sanitize_flag_events_counts_and_the_qmp_toggle(tmp_path: Path) -> None:
+    async with running(tmp_path, sanitize=True) as (_, guest, qmp, _e):
+        await guest.enable()
+        await torn_update(guest)
+        error = await guest_error(qmp, "torn-ste")
+        assert error["sid"] == EP_SID and error["index"] == guest.cmdq.index(guest.prod) - 2
+        assert await counts(qmp) == {"torn-ste": 1}
+        off = await qmp.execute("x-vsmmu-sanitize", {"enable": False})
+        assert off["enabled"] is False  # type: ignore[index]
+        await guest.write_ste(EP_SID, Ste(v=1, config=SteConfig.S1_TRANS, s1_context_ptr=CD_A))
+        assert await counts(qmp) == {"torn-ste": 1}, "nothing checked while off"
+
+
+async def test_unsynced_invalidation_is_reported_once_the_queue_idles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vsmmu.diagnostics, "SYNC_IDLE_S", 0.05)
+    async with running(tmp_path) as (_, guest, qmp, _e):
+        assert (await qmp.execute("x-vsmmu-sanitize", {"enable": True}))["enabled"]  # type: ignore[index]
+        await guest.enable()
+        index = guest.cmdq.index(guest.prod)
+        guest.poke(CMDQ + index * COMMAND_SIZE, encode_command(CmdOpcode.TLBI_NH_ALL))
+        guest.prod = guest.cmdq.increment(guest.prod)
+        await guest.write(Reg.CMDQ_PROD, 4, guest.prod)
+        error = await guest_error(qmp, "missing-sync")
+        assert error["index"] == index and "TLBI_NH_ALL" in str(error["message"])
+
+
+async def test_fault_injection_commands_refuse_bad_arguments(tmp_path: Path) -> None:
+    async with running(tmp_path) as (_, guest, qmp, _e):
+        with pytest.raises(ExecuteError, match="expected one of"):
+            await qmp.execute("x-vsmmu-fail", {"op": "hwpt_free", "errno": "EIO"})
+        with pytest.raises(ExecuteError, match="errno"):
+            await qmp.execute("x-vsmmu-fail", {"op": "hwpt_alloc", "errno": "EWHATEVER"})
+        with pytest.raises(ExecuteError, match="only hwpt_invalidate"):
+            await qmp.execute("x-vsmmu-fail", {"op": "hwpt_alloc", "errno": "5", "entry": 1})
+        with pytest.raises(ExecuteError, match="no vEVENTQ"):
+            await qmp.execute("x-vsmmu-inject-vevent", {"sid": EP_SID, "event-id": 0x10})
+        await guest.enable()
+        with pytest.raises(ExecuteError, match="no endpoint device"):
+            await qmp.execute("x-vsmmu-inject-vevent", {"sid": 0x7777, "event-id": 0x10})
+        # hwpt_invalidate at entry 1 of a batch of two: CERROR_ILL at the second command.
+        await qmp.execute("x-vsmmu-fail", {"op": "hwpt_invalidate", "errno": "EIO",
+                                           "entry": 1})
+        first = guest.cmdq.index(guest.prod)
+        with qmp.listener() as listener:
+            await guest.issue(encode_command(CmdOpcode.TLBI_NH_ALL),
+                              encode_command(CmdOpcode.TLBI_NH_ALL))
+            event = await asyncio.wait_for(listener.get(), DIAG_TIMEOUT)
+        assert event["event"] == "VSMMU_CERROR" and event["data"]["index"] == first + 1, event
+        state = await qmp.execute("query-vsmmu")
+        assert state["fault-injection"] == {  # type: ignore[index]
+            "armed": {}, "injected": {"hwpt_invalidate": 1}}

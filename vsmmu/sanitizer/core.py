@@ -42,6 +42,7 @@ import collections
 import dataclasses
 import enum
 import logging
+import struct
 from collections.abc import Callable
 
 from vsmmu.arch.cd import CD_SIZE
@@ -74,6 +75,7 @@ from vsmmu.smmu.observer import SmmuObserver
 
 logger = logging.getLogger(__name__)
 
+_COMMAND_WORDS = struct.Struct("<QQ")
 PAGE_SHIFT = 12
 """DMA is checked page by page: the IOTLB's granule."""
 SEEN_LIMIT = 4096
@@ -200,14 +202,14 @@ class Sanitizer(SmmuObserver):
         smmu = self.smmu
         q = QueueIndex(min(QUEUE_BASE.LOG2SIZE.get(smmu.cmdq_base), smmu.features.cmdqs))
         base = QUEUE_BASE.ADDR.get(smmu.cmdq_base)
-        pointer = first
         self._dma_seen.clear()
+        pointer = first
         for _ in range(q.used(end, first)):
             index = q.index(pointer)
             pointer = q.increment(pointer)
             try:
-                dw0, dw1 = words_from_bytes(
-                    smmu.memory.read(base + index * COMMAND_SIZE, COMMAND_SIZE), 2)
+                dw0, dw1 = _COMMAND_WORDS.unpack(
+                    smmu.memory.read(base + index * COMMAND_SIZE, COMMAND_SIZE))
             except GuestMemoryError:
                 return
             self._command(index, dw0, dw1)
@@ -337,7 +339,7 @@ class Sanitizer(SmmuObserver):
         now = self.smmu.lookup_ste(sid).words
         if installed is None or now is None:
             return
-        if ste_differs(installed, now):
+        if installed != now and ste_differs(installed, now):
             self._once(GuestError(
                 GuestErrorKind.STALE_STE,
                 f"DMA at IOVA {iova:#x} used the STE installed at the last CFGI_STE; the "

@@ -18,8 +18,9 @@ class SmmuObserver(abc.ABC):
     def commands_consumed(self, first: int, end: int) -> None:
         """Commands at CMDQ pointers ``first`` up to (not including) ``end`` were executed.
 
-        Called once per consume, after the last command took effect; the
-        commands are still in guest memory at their queue slots.
+        Called once per consume, after the last command took effect and before
+        any CMD_SYNC's MSI is written (Linux points it at the SYNC's own slot):
+        the commands are still in guest memory at their queue slots.
         """
 
     @abc.abstractmethod

@@ -14,7 +14,7 @@ import pytest
 
 from vsmmu.arch import CmdOpcode, Ste, SteConfig, encode_command
 from vsmmu.arch.cd import Cd, Tg0
-from vsmmu.arch.commands import CError
+from vsmmu.arch.commands import COMMAND_SIZE, CError, SyncCs
 from vsmmu.arch.fields import words_from_bytes
 from vsmmu.arch.pagetables import DESC, Ap
 from vsmmu.iommufd.backend import HostMapping
@@ -208,8 +208,9 @@ def test_torn_cd_two_used_words_changed_between_cfgis(rig: Rig) -> None:
 
 
 def test_command_with_res0_bits(rig: Rig) -> None:
-    bad = bytearray(encode_command(CmdOpcode.TLBI_NH_ALL))
-    bad[2] |= 0x10  # dw0 bit 20: RES0 in TLBI_NH_ALL
+    # (An invalidation with RES0 bits goes to the host, which refuses it: CERROR_ILL.)
+    bad = bytearray(encode_command(CmdOpcode.PREFETCH_CONFIG, sid=SID))
+    bad[8] |= 0x20  # dw1 bit 5: PREFETCH_CONFIG has no field in dw1
     cons = rig.driver.issue(bytes(bad))
     assert rig.driver.cmdq_cons_error() == CError.NONE and cons
     assert rig.kinds() == [GuestErrorKind.RES0_COMMAND.value]
@@ -269,4 +270,17 @@ def test_a_reset_and_cfgi_all_start_a_new_baseline(rig: Rig) -> None:
     rig.ram.write(rig.driver.ste_address(SID), s1_ste(s1cir=1).encode())
     from vsmmu.arch.commands import encode_cfgi_all
     rig.driver.issue(encode_cfgi_all())
+    assert rig.reports == []
+
+
+def test_an_msi_completed_sync_counts_though_its_slot_is_overwritten(rig: Rig) -> None:
+    # Linux's MSI-polled CMD_SYNC: the completion MSI goes to the SYNC's own slot, which
+    # the SMMU overwrites (MSIData 0) once it has consumed it.
+    driver = rig.driver
+    sync_slot = driver.cmdq_base + driver.cmdq.index(driver.cmdq.increment(driver.cmdq_prod)) \
+        * COMMAND_SIZE
+    driver.issue(encode_command(CmdOpcode.TLBI_NH_ASID, asid=ASID),
+                 encode_command(CmdOpcode.SYNC, cs=SyncCs.IRQ, msiaddr=sync_slot), sync=False)
+    assert rig.ram.read(sync_slot, 4) == bytes(4), "the MSI landed in the SYNC's slot"
+    rig.sanitizer.queue_idle()
     assert rig.reports == []
