@@ -48,6 +48,7 @@ from qmp_harness.host_lane.userland import (
     LanePython,
     TreeFile,
     ensure_python,
+    ensure_site,
     stage_project,
     walk_tree,
 )
@@ -64,7 +65,7 @@ TESTDEV_VENDOR_DEVICE = "0x1b36:0x0005"
 """``iommu-testdev``'s PCI vendor:device, as sysfs prints them."""
 FIRST_TESTDEV_SLOT = 2
 DEFAULT_TIMEOUT = 1200.0
-BASE_FORMAT = 1
+BASE_FORMAT = 2
 """Bumped when the base initrd's layout changes, so cached ones are rebuilt."""
 CONSOLE_MAJOR, CONSOLE_MINOR = 5, 1
 
@@ -110,13 +111,15 @@ class HostLane:
     """A provisioned lane: QEMU, firmware, host kernel, busybox and Python, all in the cache."""
 
     def __init__(self, cache: Path, install: QemuInstall, kernel: HostKernel, firmware: Path,
-                 busybox: Path, python: LanePython, project_root: Path) -> None:
+                 busybox: Path, python: LanePython, site: Path, project_root: Path) -> None:
         self.cache = cache
         self.install = install
         self.kernel = kernel
         self.firmware = firmware
         self.busybox = busybox
         self.python = python
+        self.site = site
+        """The directory holding ``lane/site`` (the compiled dependencies)."""
         self.project_root = project_root
 
     @classmethod
@@ -133,7 +136,7 @@ class HostLane:
             raise LaneError(f"{FIRMWARE_PACKAGE} has no {FIRMWARE_FILE}")
         busybox = ensure_guest(cache, quiet=True).busybox
         python = ensure_python(cache)
-        return cls(cache, install, kernel, firmware, busybox, python,
+        return cls(cache, install, kernel, firmware, busybox, python, ensure_site(cache, python),
                    Path(__file__).resolve().parents[2])
 
     # -- the initrd ---------------------------------------------------------
@@ -152,11 +155,11 @@ class HostLane:
         return path.read_bytes()
 
     def base_initrd(self, config: LaneConfig) -> bytes:
-        """The part of the initrd every run shares: IORT first, busybox, Python."""
+        """The part of the initrd every run shares: IORT first, busybox, Python, dependencies."""
         iort = self.upgraded_iort(config)
         key = hashlib.sha256(b"".join([
             str(BASE_FORMAT).encode(), iort, self.python.version.encode(),
-            str(self.busybox.stat().st_size).encode()])).hexdigest()[:16]
+            str(self.busybox.stat().st_size).encode(), self.site.name.encode()])).hexdigest()[:16]
         path = self.cache / "host-lane" / "initrd" / f"base-{key}.cpio"
         if path.exists():
             return path.read_bytes()
@@ -172,6 +175,8 @@ class HostLane:
         entries.append(NewcEntry.symlink("lib", "usr/lib"))
         entries += _tree_entries(walk_tree(self.python.guest_root / "usr", "usr"))
         entries.append(NewcEntry.symlink("usr/bin/python3", f"python{PYTHON_RELEASE}"))
+        entries.append(NewcEntry.directory("lane"))
+        entries += _tree_entries(walk_tree(self.site / "lane" / "site", "lane/site"))
         data = write_newc(entries)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
@@ -181,9 +186,9 @@ class HostLane:
 
     def run_initrd(self, command: Sequence[str], files: Sequence[Path],
                    env: Mapping[str, str], marker: str, stage: Path) -> bytes:
-        """The per-run part: ``/init``, the project, its dependencies and ``files`` in /work."""
+        """The per-run part: ``/init``, the project and ``files`` in /work."""
         stage_project(self.project_root, stage, self.python, files)
-        entries = _tree_entries(walk_tree(stage / "lane", "lane"))
+        entries = _tree_entries(walk_tree(stage / "lane" / "project", "lane/project"))
         entries += _tree_entries(walk_tree(stage / "work", "work"))
         entries.append(NewcEntry.file("init", render_init(command, env, marker).encode(), 0o755))
         return write_newc(entries)

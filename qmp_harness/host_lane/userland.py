@@ -8,13 +8,14 @@ tree is compiled once on the host, by the very same Python release for
 amd64 (run through its own loader from an unpacked prefix, like QEMU), with
 ``unchecked-hash`` invalidation: the newc writer sets every mtime to 0.
 
-This project's packages and its pure-Python dependencies are copied (and
-compiled the same way) at each run, so the lane always runs the working
-tree's code.
+The pure-Python dependencies are copied and compiled once per set of
+versions (:func:`ensure_site`); this project's packages are copied and
+compiled at each run, so the lane always runs the working tree's code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -171,12 +172,42 @@ def distribution_files(names: Iterable[str] = DISTRIBUTIONS) -> Iterator[tuple[P
             yield Path(str(dist.locate_file(file))), relative
 
 
+def ensure_site(cache: Path, python: LanePython) -> Path:
+    """The dependencies' tree (``lane/site``, compiled), cached by their versions.
+
+    Returns the directory that holds ``lane/site``.
+    """
+    versions = []
+    for name in DISTRIBUTIONS:
+        try:
+            versions.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    key = hashlib.sha256("\n".join([python.version, *versions]).encode()).hexdigest()[:16]
+    root = Path(cache) / "host-lane" / "site" / key
+    if (root / ".compiled").exists():
+        return root
+    partial = root.with_name(key + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    for source, relative in distribution_files():
+        target = partial / GUEST_SITE / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    python.compile(partial / GUEST_SITE, strip=partial)
+    (partial / ".compiled").write_text("\n".join(versions) + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    partial.rename(root)
+    return root
+
+
 def stage_project(project_root: Path, stage: Path, python: LanePython,
                   extra: Sequence[Path] = ()) -> None:
-    """Copy the project, its dependencies and ``extra`` files into ``stage`` and compile them.
+    """Copy the project and ``extra`` files into ``stage`` and compile the project.
 
-    ``stage`` is laid out as the lane's root: ``lane/project``, ``lane/site``
-    and ``work`` (the command's working directory, holding ``extra``).
+    ``stage`` is laid out as the lane's root: ``lane/project`` and ``work``
+    (the command's working directory, holding ``extra``).
     """
     if stage.exists():
         shutil.rmtree(stage)
@@ -185,10 +216,6 @@ def stage_project(project_root: Path, stage: Path, python: LanePython,
         shutil.copytree(project_root / name, stage / GUEST_PROJECT / name, ignore=ignore)
     for pyproject in ("pyproject.toml",):
         shutil.copy2(project_root / pyproject, stage / GUEST_PROJECT / pyproject)
-    for source, relative in distribution_files():
-        target = stage / GUEST_SITE / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
     work = stage / "work"
     work.mkdir(parents=True)
     for path in extra:
