@@ -34,7 +34,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
 from vsmmu.endpoints.base import Endpoint, EndpointError, EndpointSpecError
 from vsmmu.iommufd import uapi_vfio as vfio
@@ -61,6 +61,24 @@ _FORWARDED_REGION_FLAGS = (
 
 DevIdListener = Callable[[int], object]
 """Told a dev_id (its result is ignored)."""
+
+
+_T = TypeVar("_T")
+
+
+def _present(query: Callable[[int], _T], index: int) -> _T | None:
+    """``query(index)``, or None where vfio-pci says the index does not exist here.
+
+    vfio-pci answers EINVAL for a region or interrupt index the device lacks
+    (the VGA region of a device without VGA, the ERR interrupt of a
+    conventional PCI device), as QEMU's vfio-pci expects.
+    """
+    try:
+        return query(index)
+    except VfioDeviceError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return None
 
 
 def _command_error(exc: VfioDeviceError) -> CommandError:
@@ -98,9 +116,10 @@ class VfioPciFunction(PciFunction):
         if not info.flags & vfio.DeviceFlags.PCI:
             raise EndpointError(f"{self.name}: VFIO device flags {info.flags!r}: not a PCI "
                                 "device (only vfio-pci devices can be passed through)")
-        regions = {index: device.region(index)
-                   for index in range(min(info.num_regions, pci.PCI_NUM_REGIONS))}
-        irqs = {index: device.irq(index) for index in range(min(info.num_irqs, pci.PCI_NUM_IRQS))}
+        regions = {index: region for index in range(min(info.num_regions, pci.PCI_NUM_REGIONS))
+                   if (region := _present(device.region, index)) is not None}
+        irqs = {index: irq for index in range(min(info.num_irqs, pci.PCI_NUM_IRQS))
+                if (irq := _present(device.irq, index)) is not None}
         self._device, self._regions, self._irqs = device, regions, irqs
         self._can_reset = bool(info.flags & vfio.DeviceFlags.RESET)
         self.bars = {

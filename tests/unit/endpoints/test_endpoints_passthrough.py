@@ -108,6 +108,8 @@ class MockVfioKernel:
             self._region_info(buf)
         elif request is vfio.VfioIoctl.VFIO_DEVICE_GET_IRQ_INFO:
             irq = vfio.VfioIrqInfo.from_buffer(buf)
+            if irq.index == vfio.PciIrqIndex.ERR:  # vfio-pci: no ERR index off PCIe
+                raise OSError(errno.EINVAL, "no such IRQ index")
             irq.flags, irq.count = self.irqs.get(irq.index, (0, 0))
         elif request is vfio.VfioIoctl.VFIO_DEVICE_SET_IRQS:
             self._set_irqs(buf)
@@ -116,6 +118,8 @@ class MockVfioKernel:
 
     def _region_info(self, buf: bytearray) -> None:
         info = vfio.VfioRegionInfo.from_buffer_copy(buf[:REGION_INFO_SIZE])
+        if info.index == vfio.PciRegionIndex.VGA:  # vfio-pci: no VGA region, EINVAL
+            raise OSError(errno.EINVAL, "no such region")
         flags, size, offset, caps = self.regions.get(info.index, (0, 0, 0, b""))
         needed = REGION_INFO_SIZE + len(caps)
         out = vfio.VfioRegionInfo()
@@ -237,6 +241,8 @@ async def test_regions_irqs_reset_and_rebind_forwarded_to_vfio(
         await client.region_write(vu.PciRegion.CONFIG, vu.PCI_COMMAND, b"\x06\x00")
         assert device_file.read_bytes()[CONFIG_OFFSET + 4:CONFIG_OFFSET + 6] == b"\x06\x00"
         assert (await client.irq_info(1)).count == 2
+        assert (await client.irq_info(vu.PciIrq.ERR)).count == 0  # VFIO: EINVAL, absent
+        assert (await client.region_info(vu.PciRegion.VGA)).size == 0
 
         # INTx: the client's eventfd reaches VFIO; the kernel signalling it wakes the client.
         efd = os.eventfd(0, os.EFD_NONBLOCK)
