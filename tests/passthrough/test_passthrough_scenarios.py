@@ -9,8 +9,9 @@ Written once, run on two worlds with the same assertions:
   ``iommu-testdev`` bound to ``vfio-pci`` in the host lane's L1, its DMA
   translated by L1's (QEMU's) SMMUv3 through the nested HWPT the real kernel
   built from our vSTE, faults reported through the real vEVENTQ.  These run
-  inside the lane (``$VSMMU_HOST_LANE``); ``test_passthrough_host_lane.py``
-  boots it and runs this file there.
+  inside the lane (``$VSMMU_HOST_LANE``);
+  ``tests/host_lane/test_passthrough_on_kernel.py`` boots it and runs this
+  file there.
 
 Guest RAM is a memfd DMA-mapped into both functions; the stream table,
 queues, CD and stage-1 tables are written into it by the guest driver.

@@ -2,7 +2,7 @@
 
 L1 has a nesting SMMUv3 (QEMU's, CANWBS through the upgraded IORT), a real
 iommufd kernel and a real ``iommu-testdev`` bound to ``vfio-pci``; inside it
-``test_passthrough_scenarios.py`` runs its ``kernel`` world: ``vsmmu serve
+``tests/passthrough/test_passthrough_scenarios.py`` runs its ``kernel`` world: ``vsmmu serve
 --backend kernel --endpoint vfio=<cdev>`` with our client as QEMU and
 GuestDriver as the guest.  The same file runs its ``sim`` world here.
 """
@@ -14,7 +14,9 @@ import re
 
 import pytest
 
-from qmp_harness.host_lane.lane import HostLane, LaneConfig
+from qmp_harness.host_lane import HostLane, LaneConfig
+
+pytestmark = pytest.mark.host_lane
 
 SCENARIOS = "tests/passthrough/test_passthrough_scenarios.py"
 LANE_PROJECT = "/lane/project"
@@ -28,7 +30,6 @@ EXPECTED = (
 )
 
 
-@pytest.mark.e2e
 async def test_passthrough_scenarios_pass_on_the_real_kernel() -> None:
     lane = await asyncio.to_thread(HostLane.provision)
     # No hypothesis plugin: the lane carries pure-Python files, and hypothesis's plugin
