@@ -36,12 +36,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
+from qemu.qmp.protocol import ConnectError
 
 from qmp_harness.events import EventLog
 from vsmmu.arch.pagetables import GRANULE_4K
@@ -291,18 +292,32 @@ class ClientVmm:
             self._proc = subprocess.Popen(self.service_argv(), stdin=subprocess.DEVNULL,
                                           stdout=out, stderr=out, start_new_session=True)
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
-        while not (self.workdir / QMP_SOCKET).exists():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise ClientVmmError(self.report(f"vsmmu serve did not start "
-                                                 f"(status {self._proc.returncode})"))
-            time.sleep(POLL_INTERVAL)
 
         async def connect_qmp() -> None:
             await self.qmp.connect(str(self.workdir / QMP_SOCKET))
             self.events.attach(self.qmp)
 
-        self._loop.run(connect_qmp())
-        self.connect()
+        # A socket file exists from bind() on, before listen(): retry until the service
+        # accepts (QMP first, then each function, in the order the service starts them).
+        self._until_accepted(deadline, lambda: self._loop.run(connect_qmp()), None)
+        self._until_accepted(deadline, lambda: self.smmu.connect(self.ram), self.smmu)
+        self._until_accepted(deadline, lambda: self.endpoint.connect(self.ram), self.endpoint)
+        self.endpoint.enable()
+
+    def _until_accepted(self, deadline: float, connect: Callable[[], None],
+                        function: BlockingFunction | None) -> None:
+        while True:
+            try:
+                connect()
+                return
+            except (ConnectError, ConnectionError, FileNotFoundError):
+                assert self._proc is not None
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise ClientVmmError(self.report(
+                        f"vsmmu serve did not start (status {self._proc.returncode})")) from None
+                if function is not None:
+                    function.client = VfioUserClient()  # a client connects once
+                time.sleep(POLL_INTERVAL)
 
     def connect(self) -> None:
         """Connect both functions as QEMU does (VERSION, DMA_MAP) and enable the endpoint."""
