@@ -60,7 +60,7 @@ from vsmmu.arch.registers import QUEUE_BASE, QueueIndex
 from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.endpoints.base import DmaPort
 from vsmmu.iommufd.sim import SimIommufd
-from vsmmu.iommufd.stale import stale_cache
+from vsmmu.iommufd.stale import StaleCacheChecker
 from vsmmu.nesting import NestingTranslator
 from vsmmu.sanitizer.rules import (
     ENTRY_DWORDS,
@@ -137,7 +137,7 @@ class Sanitizer(SmmuObserver):
         """Called with a generation number when invalidations wait for a CMD_SYNC: the
         service calls :meth:`queue_idle` with it once the queue has stayed idle."""
         backend = translator.backend
-        self._sim = backend if isinstance(backend, SimIommufd) else None
+        self._caches = StaleCacheChecker(backend) if isinstance(backend, SimIommufd) else None
         self.counts: collections.Counter[GuestErrorKind] = collections.Counter()
         self._enabled = False
         self._ste_seen: dict[int, tuple[int, ...]] = {}
@@ -346,12 +346,12 @@ class Sanitizer(SmmuObserver):
                 f"guest's STE now differs: {_word_diff(installed, now)}",
                 sid=sid, iova=iova, words=now))
             return
-        if self._sim is None:
+        if self._caches is None:
             return
         page = iova >> PAGE_SHIFT
         last = (iova + max(length, 1) - 1) >> PAGE_SHIFT
         while page <= last:
-            stale = stale_cache(self._sim, stream.dev_id, max(iova, page << PAGE_SHIFT))
+            stale = self._caches.check(stream.dev_id, max(iova, page << PAGE_SHIFT))
             if stale is not None:
                 kind = GuestErrorKind.STALE_CD if stale.what == "cd" \
                     else GuestErrorKind.STALE_TRANSLATION

@@ -284,3 +284,17 @@ def test_an_msi_completed_sync_counts_though_its_slot_is_overwritten(rig: Rig) -
     assert rig.ram.read(sync_slot, 4) == bytes(4), "the MSI landed in the SYNC's slot"
     rig.sanitizer.queue_idle()
     assert rig.reports == []
+
+
+def test_a_verified_page_is_walked_again_when_any_table_on_its_path_changes(rig: Rig) -> None:
+    install_s1(rig)
+    for _ in range(3):  # verified once, then taken from the sanitizer's memory
+        rig.dma.read(IOVA, 1)
+    assert rig.reports == []
+    # The level-1 descriptor now points at another (empty) level-2 table: nothing is
+    # mapped any more, but the IOTLB still has the page (no TLBI).
+    index = (IOVA >> 30) & 0x1FF
+    rig.put(TTB + 0x1000 + index * 8, (TTB + 0x8000) | DESC.VALID.place(1)
+            | DESC.TYPE.place(1))
+    rig.dma.read(IOVA, 1)
+    assert rig.kinds() == [GuestErrorKind.STALE_TRANSLATION.value]
