@@ -184,7 +184,7 @@ async def test_register_access_dma_map_ste_and_cfgi_ste_give_a_nested_hwpt(
     async with running(tmp_path) as (service, guest, qmp, _):
         assert (await iommufd_rows(qmp, "ioas"))[0]["mappings"] == 1
         idr0 = await guest.read(Reg.IDR0)
-        assert idr0 == service.smmu.id_registers[Reg.IDR0]  # type: ignore[union-attr]
+        assert idr0 == service.smmu.id_registers[Reg.IDR0]
         await guest.enable()
         assert len(await iommufd_rows(qmp, "viommu")) == 1
         (vdev,) = await iommufd_rows(qmp, "vdevice")

@@ -14,7 +14,8 @@ Public API (see :mod:`vsmmu.smmu.interfaces` for the contracts):
 * :mod:`~vsmmu.smmu.guest_driver` — a Linux-like guest driver for tests.
 """
 
-from vsmmu.smmu.device import BATCHABLE_OPCODES, SmmuV3
+from vsmmu.smmu.cmdq import BATCHABLE_OPCODES
+from vsmmu.smmu.device import SmmuV3
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import (
     ConfigSink,

@@ -54,6 +54,7 @@ name, one line each, on this module's logger at INFO.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import struct
@@ -65,8 +66,10 @@ from vsmmu.arch.commands import (
     COMMAND_SIZE,
     CError,
     CmdOpcode,
+    Command,
     SyncCs,
     cfgi_ste_range_sids,
+    decode_command,
     decode_command_words,
 )
 from vsmmu.arch.events import EVENT_SIZE, Event
@@ -84,8 +87,6 @@ from vsmmu.arch.registers import (
     IRQ_CFG2,
     IRQ_CTRL,
     QUEUE_BASE,
-    REG64,
-    REGISTER_SPACE_SIZE,
     RESET_VALUES,
     STRTAB_BASE,
     STRTAB_BASE_CFG,
@@ -93,6 +94,7 @@ from vsmmu.arch.registers import (
     Reg,
 )
 from vsmmu.arch.ste import STE_SIZE, id_fits
+from vsmmu.smmu.cmdq import KIND_KEY_MASK, CommandKind, command_kinds, fetch_commands
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import (
     ConfigSink,
@@ -106,6 +108,7 @@ from vsmmu.smmu.interfaces import (
     StreamTableConfig,
 )
 from vsmmu.smmu.observer import SmmuObserver
+from vsmmu.smmu.regfile import WORD_BYTES, WORD_MASK, RegisterFile, constant
 from vsmmu.smmu.streamtable import (
     CdLookup,
     SteLookup,
@@ -118,35 +121,24 @@ from vsmmu.smmu.streamtable import (
 
 logger = logging.getLogger(__name__)
 
-WORD_MASK = 0xFFFF_FFFF
-WORD_BYTES = 4
-DWORD_BYTES = 8
 _COMMAND_WORDS = struct.Struct("<QQ")
 
-# How the command loop treats each opcode; anything absent is CERROR_ILL.
-_BATCH, _CFGI_STE, _CFGI_STE_RANGE, _SYNC, _NOP = range(5)
-_KIND_KEY_MASK = CMD.OPCODE.inplace_mask | CMD.SSEC.inplace_mask
+CommandErrorHandler = Callable[[CError, int, Command | None], None]
+"""Hears the command queue stop: (CERROR, failing command's index, command or None)."""
+
+# Plain ints for the command loop (an enum member read through its class is slow).
+_BATCH, _CFGI_STE, _CFGI_STE_RANGE, _SYNC, _NOP = (int(kind) for kind in CommandKind)
 _OPCODE_MASK = CMD.OPCODE.inplace_mask
 _OPCODES: dict[int, CmdOpcode] = {int(op): op for op in CmdOpcode}
 _SYNC_CS_VALUES = frozenset(int(cs) for cs in SyncCs)
 _CERROR_NONE = CError.NONE
 STE_CACHE_ENTRIES = 4096
 """Classified STEs kept by SID for :meth:`SmmuV3.lookup_ste` (emptied when full)."""
-_SSEC_OPCODES = frozenset({
-    CmdOpcode.PREFETCH_CONFIG, CmdOpcode.PREFETCH_ADDR, CmdOpcode.CFGI_STE,
-    CmdOpcode.CFGI_STE_RANGE, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL, CmdOpcode.RESUME,
-    CmdOpcode.STALL_TERM,
-})
-BATCHABLE_OPCODES = frozenset({
-    CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL, CmdOpcode.TLBI_NH_ALL, CmdOpcode.TLBI_NH_ASID,
-    CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA, CmdOpcode.TLBI_NSNH_ALL, CmdOpcode.ATC_INV,
-})
-"""Commands delivered to :meth:`ConfigSink.invalidate` in batches."""
 _tuple_new = tuple.__new__
 """Builds a QueuedCommand without NamedTuple's Python-level ``__new__`` (one per command)."""
 
 
-class SmmuV3:
+class SmmuV3(RegisterFile):
     """A virtual SMMUv3 (see the module docstring for its behaviour).
 
     ``memory`` is guest RAM, ``sink`` receives configuration changes,
@@ -155,50 +147,33 @@ class SmmuV3:
 
     def __init__(self, memory: GuestMemory, sink: ConfigSink | None = None,
                  features: SmmuFeatures | None = None, irq: IrqLine | None = None,
-                 *, trace: bool = False, name: str = "smmuv3") -> None:
+                 *, trace: bool = False, name: str = "smmuv3",
+                 on_command_error: CommandErrorHandler | None = None) -> None:
+        super().__init__(name, trace)
         self.memory = memory
         self.sink: ConfigSink = sink if sink is not None else NullConfigSink()
         self.features = features if features is not None else SmmuFeatures()
         self.irq = irq if irq is not None else IrqLine(f"{name}-combined")
-        self.trace = trace
-        self.name = name
         self.id_registers = self.features.id_registers()
         self.commands_consumed = 0
         """Commands consumed since creation (for benchmarks and QMP statistics)."""
         self.sync_msis = 0
         """CMD_SYNC completion MSIs written (or attempted) since creation."""
         self._msis: list[tuple[int, int]] = []
+        self.on_command_error = on_command_error
+        """Told (error, queue index, command or None) each time the command queue stops."""
         self.observer: SmmuObserver | None = None
         """Told of each consume and each event lost to a full queue (the sanitizer)."""
-        self._kinds = self._command_kinds()
+        self._kinds = command_kinds(self.features)
         self._cmdq_pointer_mask = QueueIndex(self.features.cmdqs).pointer_mask
         self._evtq_pointer_mask = QueueIndex(self.features.evtqs).pointer_mask
-        self._readers: dict[int, Callable[[], int]] = {}
         self._stream_table: StreamTableConfig | None = None
         self._ste_cache: dict[int, tuple[bytes, SteLookup]] = {}
         self._stream_table_key = (-1, -1)
-        self._writers: dict[int, Callable[[int], None]] = {}
         self._build_register_table()
         self._set_reset_values()
 
     # ------------------------------------------------------------------ setup
-
-    def _command_kinds(self) -> dict[int, int]:
-        """Command kind by ``dw0 & _KIND_KEY_MASK`` (opcode and SSEC); absent = CERROR_ILL."""
-        kinds: dict[int, int] = {op: _BATCH for op in BATCHABLE_OPCODES}
-        if not self.features.ats:
-            del kinds[CmdOpcode.ATC_INV]
-        kinds.update({CmdOpcode.CFGI_STE: _CFGI_STE, CmdOpcode.CFGI_STE_RANGE: _CFGI_STE_RANGE,
-                      CmdOpcode.SYNC: _SYNC, CmdOpcode.PREFETCH_CONFIG: _NOP,
-                      CmdOpcode.PREFETCH_ADDR: _NOP, CmdOpcode.RESUME: _NOP,
-                      CmdOpcode.STALL_TERM: _NOP})
-        table: dict[int, int] = {}
-        for op, kind in kinds.items():
-            table[int(op)] = kind
-            if op not in _SSEC_OPCODES:
-                # Commands without an SSec field ignore bit 10 (it is RES0 for them).
-                table[int(op) | CMD.SSEC.inplace_mask] = kind
-        return table
 
     def _set_reset_values(self) -> None:
         self.cr0 = RESET_VALUES[Reg.CR0]
@@ -221,7 +196,7 @@ class SmmuV3:
 
     def _build_register_table(self) -> None:
         for reg, value in self.id_registers.items():
-            self._readers[reg] = _constant(value)
+            self._readers[reg] = constant(value)
         plain = {Reg.CR0: "cr0", Reg.CR0ACK: "cr0", Reg.CR1: "cr1", Reg.CR2: "cr2",
                  Reg.GBPA: "gbpa", Reg.IRQ_CTRL: "irq_ctrl", Reg.IRQ_CTRLACK: "irq_ctrl",
                  Reg.GERROR: "gerror", Reg.GERRORN: "gerrorn", Reg.STRTAB_BASE: "strtab_base",
@@ -252,12 +227,6 @@ class SmmuV3:
             Reg.EVENTQ_PROD: self._write_evtq_prod, Reg.EVENTQ_CONS: self._write_evtq_cons,
         })
 
-    def _attribute_reader(self, attr: str) -> Callable[[], int]:
-        def reader() -> int:
-            value: int = getattr(self, attr)
-            return value
-        return reader
-
     # ------------------------------------------------------------------- reset
 
     def reset(self) -> None:
@@ -268,77 +237,6 @@ class SmmuV3:
         self.sink.reset()
         if self.observer is not None:
             self.observer.reset()
-
-    # -------------------------------------------------------------------- MMIO
-
-    def read(self, offset: int, size: int) -> int:
-        """Guest register read of ``size`` (4 or 8) bytes at ``offset``; never raises."""
-        if not self._access_ok(offset, size, "read"):
-            return 0
-        if size == DWORD_BYTES and offset in REG64:
-            value = self._readers[offset]()
-        elif size == DWORD_BYTES:
-            value = self._read32(offset) | (self._read32(offset + WORD_BYTES) << 32)
-        else:
-            value = self._read32(offset)
-        if self.trace:
-            logger.info("%s: read  %s/%d = %#x", self.name, _reg_name(offset), size, value)
-        return value
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        """Guest register write of ``size`` (4 or 8) bytes at ``offset``; never raises."""
-        if not self._access_ok(offset, size, "write"):
-            return
-        value &= (1 << (size * 8)) - 1
-        if self.trace:
-            logger.info("%s: write %s/%d <- %#x", self.name, _reg_name(offset), size, value)
-        if size == DWORD_BYTES and offset in REG64:
-            self._write_reg(offset, value)
-        elif size == DWORD_BYTES:
-            self._write32(offset, value & WORD_MASK)
-            self._write32(offset + WORD_BYTES, value >> 32)
-        else:
-            self._write32(offset, value)
-
-    def _access_ok(self, offset: int, size: int, what: str) -> bool:
-        if size not in (WORD_BYTES, DWORD_BYTES) or offset % size or offset < 0 \
-                or offset + size > REGISTER_SPACE_SIZE:
-            logger.warning("%s: %s of %d bytes at %#x is not an aligned 4/8-byte access "
-                           "inside the register space: RAZ/WI", self.name, what, size, offset)
-            return False
-        return True
-
-    def _read32(self, offset: int) -> int:
-        reader = self._readers.get(offset)
-        if reader is not None:
-            return reader() & WORD_MASK
-        high = self._readers.get(offset - WORD_BYTES)
-        if high is not None and offset - WORD_BYTES in REG64:
-            return high() >> 32
-        logger.warning("%s: read of unknown register offset %#x: RAZ", self.name, offset)
-        return 0
-
-    def _write32(self, offset: int, value: int) -> None:
-        if offset in REG64:
-            old = self._readers[offset]()
-            self._write_reg(offset, (old & ~WORD_MASK) | value)
-        elif offset - WORD_BYTES in REG64:
-            old = self._readers[offset - WORD_BYTES]()
-            self._write_reg(offset - WORD_BYTES, (old & WORD_MASK) | (value << 32))
-        else:
-            self._write_reg(offset, value)
-
-    def _write_reg(self, offset: int, value: int) -> None:
-        writer = self._writers.get(offset)
-        if writer is None:
-            if offset in self._readers:
-                logger.warning("%s: write %#x to %s ignored (read-only or not implemented)",
-                               self.name, value, _reg_name(offset))
-            else:
-                logger.warning("%s: write %#x to unknown register offset %#x ignored",
-                               self.name, value, offset)
-            return
-        writer(value)
 
     # -------------------------------------------------------- register writes
 
@@ -486,22 +384,24 @@ class SmmuV3:
         if IRQ_CTRL.GERROR_IRQEN.test(self.irq_ctrl) and self.active_errors():
             level = True
         elif IRQ_CTRL.EVENTQ_IRQEN.test(self.irq_ctrl) and CR0.EVENTQEN.test(self.cr0):
-            q = self._evtq_index()
+            q = self.evtq_index()
             level = not q.is_empty(q.pointer(self.evtq_prod), q.pointer(self.evtq_cons))
         self.irq.set_level(level)
 
     # ----------------------------------------------------------- command queue
 
-    def _cmdq_index(self) -> QueueIndex:
+    def cmdq_index(self) -> QueueIndex:
+        """Index arithmetic of the command queue as CMDQ_BASE sizes it (clamped to IDR1)."""
         return QueueIndex(min(QUEUE_BASE.LOG2SIZE.get(self.cmdq_base), self.features.cmdqs))
 
-    def _evtq_index(self) -> QueueIndex:
+    def evtq_index(self) -> QueueIndex:
+        """Index arithmetic of the event queue as EVENTQ_BASE sizes it (clamped to IDR1)."""
         return QueueIndex(min(QUEUE_BASE.LOG2SIZE.get(self.evtq_base), self.features.evtqs))
 
     def _consume_cmdq(self) -> None:
         if not CR0.CMDQEN.test(self.cr0) or self._cmdq_error_active():
             return
-        q = self._cmdq_index()
+        q = self.cmdq_index()
         pointer_mask = q.pointer_mask
         prod = q.pointer(self.cmdq_prod)
         cons = q.pointer(self.cmdq_cons)
@@ -516,10 +416,10 @@ class SmmuV3:
         while pending and error is _CERROR_NONE:
             index = q.index(cons)
             count = min(pending, q.size - index)
-            chunk = self._fetch_commands(base + index * COMMAND_SIZE, count)
+            chunk = fetch_commands(self.memory, base + index * COMMAND_SIZE, count, self.name)
             for dw0, dw1 in _COMMAND_WORDS.iter_unpack(chunk):
                 # Keyed by opcode and SSEC: SSec=1 on a command that has it is absent (ILL).
-                kind = kinds.get(dw0 & _KIND_KEY_MASK)
+                kind = kinds.get(dw0 & KIND_KEY_MASK)
                 if trace:
                     logger.info("%s: cmdq[%d] %s", self.name, q.index(cons),
                                 decode_command_words(dw0, dw1))
@@ -560,21 +460,6 @@ class SmmuV3:
             msis, self._msis = self._msis, []
             for address, data in msis:
                 self._sync_msi(address, data)
-
-    def _fetch_commands(self, address: int, count: int) -> bytes:
-        """Read up to ``count`` commands; a short result means the next one is unreadable."""
-        try:
-            return self.memory.read(address, count * COMMAND_SIZE)
-        except GuestMemoryError:
-            pass
-        readable = bytearray()
-        for i in range(count):
-            try:
-                readable += self.memory.read(address + i * COMMAND_SIZE, COMMAND_SIZE)
-            except GuestMemoryError as exc:
-                logger.info("%s: command fetch abort: %s", self.name, exc)
-                break
-        return bytes(readable)
 
     def _flush_batch(self, batch: list[QueuedCommand], start: int,
                      q: QueueIndex) -> int | None:
@@ -628,8 +513,16 @@ class SmmuV3:
 
     def _command_error(self, error: CError, q: QueueIndex, cons: int) -> None:
         self.cmdq_cons = CMDQ_CONS.ERR.put(self.cmdq_cons, error)
-        logger.info("%s: CERROR_%s at CMDQ index %d", self.name, error.name, q.index(cons))
+        index = q.index(cons)
+        logger.info("%s: CERROR_%s at CMDQ index %d", self.name, error.name, index)
         self._raise_gerror(GERROR.CMDQ_ERR)
+        if self.on_command_error is not None:
+            command: Command | None = None
+            if error is not CError.ABT:  # an abort is a command that cannot be read
+                address = QUEUE_BASE.ADDR.get(self.cmdq_base) + index * COMMAND_SIZE
+                with contextlib.suppress(GuestMemoryError):
+                    command = decode_command(self.memory.read(address, COMMAND_SIZE))
+            self.on_command_error(error, index, command)
 
     # ------------------------------------------------------------- event queue
 
@@ -652,7 +545,7 @@ class SmmuV3:
         if GERROR.EVENTQ_ABT_ERR.test(self.active_errors()):
             logger.info("%s: event dropped, EVENTQ_ABT_ERR active: %s", self.name, event)
             return False
-        q = self._evtq_index()
+        q = self.evtq_index()
         prod = q.pointer(self.evtq_prod)
         cons = q.pointer(self.evtq_cons)
         if q.used(prod, cons) >= q.size:
@@ -708,16 +601,3 @@ class SmmuV3:
     def lookup_cd(self, ste: SteLookup, ssid: int = 0) -> CdLookup:
         """Fetch and classify the CD of ``ssid`` under the STE ``ste`` looked up before."""
         return lookup_cd(self.memory, self.features, ste, ssid)
-
-
-def _constant(value: int) -> Callable[[], int]:
-    return lambda: value
-
-
-def _reg_name(offset: int) -> str:
-    try:
-        return Reg(offset).name
-    except ValueError:
-        if offset - WORD_BYTES in REG64:
-            return f"{Reg(offset - WORD_BYTES).name}.hi"
-        return f"{offset:#x}"
