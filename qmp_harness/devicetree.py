@@ -322,11 +322,3 @@ def add_smmu_v3(tree: DeviceTree, smmu: SmmuV3Node) -> DtNode:
     return node
 
 
-def write_smmu_dtb(
-    install: QemuInstall, config: MachineConfig, smmu: SmmuV3Node, dest: Path
-) -> Path:
-    """Dump the DT for ``config``, add ``smmu`` to it and write it to ``dest``."""
-    tree = dump_machine_dtb(install, config)
-    add_smmu_v3(tree, smmu)
-    dest.write_bytes(write_dtb(tree))
-    return dest

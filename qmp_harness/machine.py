@@ -26,7 +26,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -71,10 +71,6 @@ class MachineConfig:
     """Extra ``-machine`` options, e.g. ``dumpdtb=FILE``."""
     extra_args: Sequence[str] = ()
     """Anything else appended to the QEMU command line."""
-
-    def with_devices(self, *devices: str) -> MachineConfig:
-        """A copy with ``devices`` added."""
-        return replace(self, devices=[*self.devices, *devices])
 
 
 def machine_argv(

@@ -8,12 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-from guest_images.cache import default_cache
-from guest_images.debian import DebianArchiveError
-from guest_images.kernel import DEFAULT_SUITE, GuestImageError, ensure_guest, load_guest
-from qmp_harness.machine import BootError
-from qmp_harness.provision import ProvisionError, ensure_qemu, load_install
-from vsmmu.demo import DmaCheckError
 from vsmmu.endpoints.base import EndpointError
 from vsmmu.iommufd.sim import HostPersonality
 from vsmmu.logging_limit import limit_log_rate
@@ -22,51 +16,6 @@ from vsmmu.service import BackendKind, EndpointConfig, ServiceConfig, ServiceErr
 from vsmmu.smmu import SmmuFeatures
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CACHE = default_cache()
-MEMFD_BACKEND = "memory-backend-memfd"
-VFIO_USER_DEVICE = "vfio-user-pci"
-
-
-def _mark(ok: bool) -> str:
-    return "yes" if ok else "NO"
-
-
-def doctor(cache: Path, suite: str) -> int:
-    """Print what this machine offers vsmmu; return 0 when everything needed is there."""
-    cache = cache.resolve()
-    print(f"cache:                {cache}")
-    install = load_install(cache)
-    if install is None:
-        print("QEMU:                 not provisioned (run `make setup`)")
-        ok = False
-    else:
-        devices = install.device_help()
-        objects = install.object_help()
-        has_vfio_user = f'name "{VFIO_USER_DEVICE}"' in devices
-        has_memfd = MEMFD_BACKEND in objects.split()
-        print(f"QEMU:                 {install.version} ({install.suite}, {install.prefix})")
-        print(f"  {VFIO_USER_DEVICE}:      {_mark(has_vfio_user)}")
-        print(f"  {MEMFD_BACKEND}: {_mark(has_memfd)}")
-        ok = has_vfio_user and has_memfd
-    guest = load_guest(cache, suite)
-    if guest is None:
-        print(f"guest kernel:         not provisioned for {suite} (run `make setup`)")
-        ok = False
-    else:
-        print(f"guest kernel:         {guest.release} ({suite}, {guest.image})")
-    print(f"/dev/kvm:             {_mark(Path('/dev/kvm').exists())} (not required; TCG is used)")
-    return 0 if ok else 1
-
-
-async def _demo(cache: Path, suite: str) -> int:
-    # Imported here: the fixtures module imports pytest, which a plain CLI run
-    # should not need until it boots something.
-    from qmp_harness.fixtures import provision_environment
-    from vsmmu.demo import run_demo
-
-    env = provision_environment(cache.resolve(), suite)
-    return await run_demo(env.qemu, env.guest, env.cache)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -125,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         ("demo", "boot the guest with the nested vSMMU and show probe, DMA and objects"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-        cmd.add_argument("--suite", default=DEFAULT_SUITE, help="Debian suite of the guest kernel")
+        cmd.add_argument("--cache", type=Path, default=None,
+                         help="the provisioned cache (default: $VSMMU_CACHE, else the per-user "
+                              "cache)")
+        cmd.add_argument("--suite", default=None,
+                         help="Debian suite of the guest kernel (default: the default guest's)")
     _add_serve_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -141,19 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vsmmu serve: {exc}", file=sys.stderr)
             return 1
     logging.basicConfig(level=logging.WARNING)
-    try:
-        if args.command == "doctor":
-            return doctor(args.cache, args.suite)
-        if args.command == "demo":
-            ensure_qemu(args.cache, quiet=True)
-            ensure_guest(args.cache, args.suite, quiet=True)
-            return asyncio.run(_demo(args.cache, args.suite))
-    except (ProvisionError, GuestImageError, DebianArchiveError, BootError,
-            DmaCheckError) as exc:
-        print(f"vsmmu {args.command}: {exc}", file=sys.stderr)
-        return 1
-    print(f"vsmmu: {args.command} is not implemented yet", file=sys.stderr)
-    return 2
+    # Imported here: ``vsmmu serve`` needs neither the harness nor the guest image builder.
+    from vsmmu.demo_cli import run_host_command
+    return run_host_command(args.command, args.cache, args.suite)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from qmp_harness.hwrng import locate_in_stream, match_stream_blocks
 from qmp_harness.nested import (
     BLK_MODULES,
     VIRTIO_BLK,
@@ -32,10 +33,6 @@ from qmp_harness.nested import (
     NestedConfig,
     NestedEndpoint,
     NestedMachine,
-)
-from vsmmu.endpoints.virtio_rng import (
-    locate_in_stream,
-    match_stream_blocks,
 )
 
 logger = logging.getLogger(__name__)

@@ -37,8 +37,9 @@ from pathlib import Path
 
 from vsmmu.arch.registers import REGISTER_SPACE_SIZE
 from vsmmu.diagnostics import Diagnostics
-from vsmmu.endpoints.base import Endpoint, EndpointDmaError, EndpointError, make_endpoint
+from vsmmu.endpoints.base import Endpoint, EndpointDmaError, EndpointError
 from vsmmu.endpoints.passthrough import VfioPassthrough
+from vsmmu.endpoints.registry import make_endpoint
 from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError, ObjType
 from vsmmu.iommufd.sim import HostPersonality, SimIommufd
 from vsmmu.nesting import CBadStePolicy, NestingTranslator, StreamFault

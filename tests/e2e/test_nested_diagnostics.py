@@ -23,7 +23,8 @@ import re
 
 import pytest
 
-from qmp_harness.nested import NestedConfig, NestedEndpoint, NestedMachine, guest_event_reports
+from qmp_harness.dmesg import guest_event_reports
+from qmp_harness.nested import NestedConfig, NestedEndpoint, NestedMachine
 from qmp_harness.nested_fixtures import StartNested
 from vsmmu.arch.events import EventId, decode_event, encode_event
 from vsmmu.arch.registers import Reg

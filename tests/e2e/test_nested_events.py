@@ -26,15 +26,13 @@ import errno
 import pytest
 
 from guest_images.kernel import DEFAULT_SUITE, NEWER_SUITE
-from qmp_harness.nested import (
+from qmp_harness.dmesg import (
     UNASSIGNED_CLIENT,
     GuestEventReport,
-    NestedConfig,
-    NestedEndpoint,
-    NestedMachine,
     guest_decoded_events,
     guest_event_reports,
 )
+from qmp_harness.nested import NestedConfig, NestedEndpoint, NestedMachine
 from qmp_harness.nested_fixtures import StartNested
 from vsmmu.arch.events import EventId, decode_event
 from vsmmu.arch.ste import STE_SIZE, Eats, Ste

@@ -14,7 +14,7 @@ at registration and the ``hwrng`` fill kthread, which wakes every
 mutex as ``/dev/hwrng`` readers (``rng_core.default_quality=0`` does not stop
 it on 6.12).  Seen here: about one such take per 256 KiB read.  So the guest
 reports the SHA-256 of every 4 KiB block and
-:func:`~vsmmu.endpoints.virtio_rng.match_stream_blocks` checks each block,
+:func:`~qmp_harness.hwrng.match_stream_blocks` checks each block,
 allowing a whole-chunk gap inside a block: every byte read is still checked.
 """
 
@@ -34,10 +34,11 @@ from qmp_harness.fixtures import (  # noqa: F401 - pytest fixtures used by name
     guest_env,
     vsmmu_cache,
 )
+from qmp_harness.hwrng import locate_in_stream, match_stream_blocks
 from qmp_harness.machine import Machine
 from vsmmu.endpoints import virtio_uapi as vu
 from vsmmu.endpoints.identity import IdentityDmaPort
-from vsmmu.endpoints.virtio_rng import VirtioRng, locate_in_stream, match_stream_blocks
+from vsmmu.endpoints.virtio_rng import VirtioRng
 from vsmmu.vfio_user import VfioUserServer
 from vsmmu.vfio_user import uapi as pci
 

@@ -111,10 +111,6 @@ class Granule:
         width = min(self.stride, ia_bits - shift)
         return (va >> shift) & ((1 << width) - 1)
 
-    def table_mask(self) -> int:
-        """Mask of the next-level table address in a table descriptor (48-bit OA)."""
-        return ((1 << OA_BITS) - 1) & ~(self.page_size - 1)
-
     def block_allowed(self, level: int) -> bool:
         """Whether a block descriptor is valid at ``level`` (48-bit OA)."""
         return level in self.block_levels

@@ -423,14 +423,6 @@ class QueueIndex:
         return (prod ^ cons) & self.pointer_mask == 0
 
 
-class QueueEntrySize(enum.IntEnum):
-    """Bytes per queue entry (IHI 0070 §4, §7, §8)."""
-
-    COMMAND = 16
-    EVENT = 32
-    PRI = 16
-
-
 RESET_VALUES: dict[Reg, int] = {reg: 0 for reg in Reg}
 """Architectural reset values of the writable registers.
 

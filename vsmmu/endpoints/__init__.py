@@ -3,12 +3,12 @@
 Public API:
 
 * :mod:`vsmmu.endpoints.base` — :class:`Endpoint`, :class:`DmaPort`,
-  :class:`EndpointError`, :class:`EndpointDmaError`, :func:`make_endpoint`;
+  :class:`EndpointError`, :class:`EndpointDmaError`;
+* :func:`vsmmu.endpoints.registry.make_endpoint` — an endpoint from its ``--endpoint`` spec;
 * :class:`~vsmmu.endpoints.virtio_pci.VirtioPciEndpoint` — the modern
   virtio-pci transport (INTx only, VERSION_1 + ACCESS_PLATFORM);
 * :class:`~vsmmu.endpoints.virtio_rng.VirtioRng` with
-  :func:`~vsmmu.endpoints.virtio_rng.expected_stream` and
-  :func:`~vsmmu.endpoints.virtio_rng.locate_in_stream`;
+  :func:`~vsmmu.endpoints.virtio_rng.expected_stream`;
 * :class:`~vsmmu.endpoints.iommu_testdev.IommuTestdev` — QEMU's
   ``iommu-testdev`` register file (one DMA through the IOMMU per trigger);
 * :class:`~vsmmu.endpoints.virtio_blk.VirtioBlk` — a block device over a raw image;
@@ -22,13 +22,13 @@ from vsmmu.endpoints.base import (
     EndpointDmaError,
     EndpointError,
     EndpointSpecError,
-    make_endpoint,
 )
 from vsmmu.endpoints.identity import IdentityDmaPort
 from vsmmu.endpoints.iommu_testdev import IommuTestdev
+from vsmmu.endpoints.registry import make_endpoint
 from vsmmu.endpoints.virtio_blk import VirtioBlk
 from vsmmu.endpoints.virtio_pci import VirtioPciEndpoint
-from vsmmu.endpoints.virtio_rng import VirtioRng, expected_stream, locate_in_stream
+from vsmmu.endpoints.virtio_rng import VirtioRng, expected_stream
 from vsmmu.endpoints.virtqueue import VirtqueueError
 
 __all__ = [
@@ -44,6 +44,5 @@ __all__ = [
     "VirtioRng",
     "VirtqueueError",
     "expected_stream",
-    "locate_in_stream",
     "make_endpoint",
 ]

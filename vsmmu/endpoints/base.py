@@ -178,37 +178,3 @@ def spec_int(spec: str, key: str, value: str, limit: int) -> int:
             f"endpoint spec {spec!r}: {key}={number}, expected 0 <= {key} < {limit:#x}"
         )
     return number
-
-
-def make_endpoint(spec: str) -> Endpoint:
-    """Build the endpoint a spec names, e.g. ``"virtio-rng,seed=1,ats=on,name=rng0"``.
-
-    Kinds: ``virtio-rng`` (options ``seed``, ``ats``, ``name``; see
-    :func:`vsmmu.endpoints.virtio_rng.VirtioRng.from_options`),
-    ``virtio-blk`` (``file``, ``readonly``, ``serial``, ``ats``, ``name``; see
-    :func:`vsmmu.endpoints.virtio_blk.VirtioBlk.from_options`),
-    ``iommu-testdev`` (option ``name``; see
-    :mod:`vsmmu.endpoints.iommu_testdev`) and ``vfio=PATH`` (a VFIO cdev passed
-    through, option ``name``; see :mod:`vsmmu.endpoints.passthrough`).
-
-    :raises EndpointSpecError: unknown kind or option, or a bad value.
-    """
-    # Imported here: the concrete endpoints import this module.
-    from vsmmu.endpoints.iommu_testdev import IommuTestdev
-    from vsmmu.endpoints.passthrough import VfioPassthrough
-    from vsmmu.endpoints.virtio_blk import VirtioBlk
-    from vsmmu.endpoints.virtio_rng import VirtioRng
-
-    kinds = {VirtioRng.KIND: VirtioRng.from_options,
-             VirtioBlk.KIND: VirtioBlk.from_options,
-             IommuTestdev.KIND: IommuTestdev.from_options}
-    kind, options = parse_spec(spec)
-    passthrough, sep, path = kind.partition("=")
-    if sep and passthrough == VfioPassthrough.KIND:
-        return VfioPassthrough.from_options(spec, path, options)
-    factory = kinds.get(kind)
-    if factory is None:
-        raise EndpointSpecError(
-            f"endpoint spec {spec!r}: kind {kind!r}, expected one of {sorted(kinds)}"
-        )
-    return factory(spec, options)

@@ -560,9 +560,3 @@ IOCTL_STRUCTS: Final[dict[Ioctl, tuple[type[UapiStruct], int]]] = {
 }
 """/dev/iommu ioctl → (its structure, the kernel's min_size for the leading ``size``)."""
 
-IOC_NRMASK: Final = (1 << IOC_NRBITS) - 1
-
-
-def ioc_nr(request: int) -> int:
-    """``_IOC_NR(request)``: the command number of an ioctl request."""
-    return request & IOC_NRMASK

@@ -371,11 +371,6 @@ class QmpListener:
         self._connections: set[asyncio.Task[None]] = set()
         self._serial = itertools.count(1)
 
-    @property
-    def connection_count(self) -> int:
-        """Number of clients currently connected."""
-        return len(self._connections)
-
     async def start(self) -> None:
         """Create the socket file and start accepting clients.
 

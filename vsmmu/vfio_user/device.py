@@ -309,10 +309,6 @@ class PciDevice(PciFunction):
             raise LookupError("PCI device has no INTx line")
         return vectors[0]
 
-    def msix_vector(self, index: int) -> IrqVector:
-        """MSI-X vector ``index``."""
-        return self.irqs[uapi.PciIrq.MSIX][index]
-
     def region_size(self, index: int) -> int:
         """Size of VFIO region ``index`` (0 when absent)."""
         if index == uapi.PciRegion.CONFIG:

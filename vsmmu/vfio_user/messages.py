@@ -91,11 +91,6 @@ class Message:
         close_fds(self.fds)
 
 
-def reply_to(request: Message, payload: bytes = b"") -> Message:
-    """A success reply to ``request`` carrying ``payload``."""
-    return Message(request.msg_id, request.command, uapi.MSG_TYPE_REPLY, 0, payload)
-
-
 def error_reply_to(request: Message, errno_value: int) -> Message:
     """An error reply to ``request`` carrying ``errno_value``."""
     flags = uapi.MSG_TYPE_REPLY | uapi.MsgFlag.ERROR

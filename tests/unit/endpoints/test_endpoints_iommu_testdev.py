@@ -13,8 +13,9 @@ import os
 
 import pytest
 
-from vsmmu.endpoints.base import EndpointDmaError, EndpointSpecError, make_endpoint
+from vsmmu.endpoints.base import EndpointDmaError, EndpointSpecError
 from vsmmu.endpoints.iommu_testdev import IommuTestdev
+from vsmmu.endpoints.registry import make_endpoint
 from vsmmu.vfio_user import PciDevice
 from vsmmu.vfio_user import uapi as pci
 

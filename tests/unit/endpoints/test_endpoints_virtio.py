@@ -14,8 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qmp_harness.hwrng import locate_in_stream, match_stream_blocks
 from vsmmu.endpoints import virtio_uapi as vu
-from vsmmu.endpoints.base import Endpoint, EndpointDmaError, EndpointSpecError, make_endpoint
+from vsmmu.endpoints.base import Endpoint, EndpointDmaError, EndpointSpecError
+from vsmmu.endpoints.registry import make_endpoint
 from vsmmu.endpoints.virtio_pci import (
     COMMON_CFG_OFFSET,
     DEFAULT_QUEUE_MAX_SIZE,
@@ -25,13 +27,7 @@ from vsmmu.endpoints.virtio_pci import (
     VIRTIO_BAR,
     VirtioPciEndpoint,
 )
-from vsmmu.endpoints.virtio_rng import (
-    MAX_REQUEST_BYTES,
-    VirtioRng,
-    expected_stream,
-    locate_in_stream,
-    match_stream_blocks,
-)
+from vsmmu.endpoints.virtio_rng import MAX_REQUEST_BYTES, VirtioRng, expected_stream
 from vsmmu.vfio_user import uapi as pci
 
 MEMORY_SIZE = 1 << 20

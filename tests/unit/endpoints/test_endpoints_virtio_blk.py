@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from tests.unit.endpoints.test_endpoints_virtio import GuestMemory, LinuxLikeDriver, needs_reset
 from vsmmu.endpoints import virtio_uapi as vu
-from vsmmu.endpoints.base import EndpointSpecError, make_endpoint
+from vsmmu.endpoints.base import EndpointSpecError
+from vsmmu.endpoints.registry import make_endpoint
 from vsmmu.endpoints.virtio_blk import SEG_MAX, SIZE_MAX, VirtioBlk
 from vsmmu.endpoints.virtio_pci import DEVICE_CFG_OFFSET, VIRTIO_BAR
 from vsmmu.vfio_user import uapi as pci

@@ -6,15 +6,13 @@ import json
 from pathlib import Path
 
 from qmp_harness.devicetree import pci_rid, virt_intx_spi
+from qmp_harness.dmesg import UNASSIGNED_CLIENT, guest_decoded_events, guest_event_reports
 from qmp_harness.nested import (
     BAR_LINE,
     EXPECTED_SMMU_BAR,
     SMMU_SLOT,
-    UNASSIGNED_CLIENT,
     NestedConfig,
     NestedEndpoint,
-    guest_decoded_events,
-    guest_event_reports,
     init_fragments,
     smmu_node,
 )
