@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import errno as errno_module
 import logging
-import struct
 from collections.abc import Callable, Mapping
 
 from vsmmu.arch.events import EVENT_SIZE, EVT, EventId, encode_event
@@ -33,6 +32,7 @@ from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import ObjType
 from vsmmu.iommufd.faults import BackendOp, FaultInjectingBackend
 from vsmmu.iommufd.sim.physical_smmu import FORWARDED_EVENTS
+from vsmmu.iommufd.veventq import vevent_record
 from vsmmu.nesting import NestingTranslator
 from vsmmu.qmp import Arg, Arguments, QmpCommandError, QmpMonitor
 from vsmmu.sanitizer import GuestError, SanitizedDmaPort, Sanitizer
@@ -45,7 +45,6 @@ SYNC_IDLE_S = 5.0
 reported: Linux submits long invalidation runs in batches of 64 with one CMD_SYNC at the
 end, so the gap between batches is not "idle"; a guest vCPU descheduled on a loaded host
 can leave seconds between them."""
-_VEVENT_HEADER = struct.Struct("<II")
 _DWORD = 8
 _EVENT_DWORDS = EVENT_SIZE // _DWORD
 
@@ -182,7 +181,7 @@ class Diagnostics:
                                       f"{sorted(hex(e) for e in FORWARDED_EVENTS)}")
             words[0] = EVT.SID.put(words[0], vsid)  # the host puts the vSID in the record
             record = b"".join(w.to_bytes(_DWORD, "little") for w in words)
-        data = _VEVENT_HEADER.pack(header_flags, self._vevent_sequence) + record
+        data = vevent_record(header_flags, self._vevent_sequence, record or None)
         self._vevent_sequence = (self._vevent_sequence + 1) & uapi.VEVENTQ_SEQUENCE_MASK
         logger.warning("QMP injects a vEVENTQ record: %s",
                        "LOST_EVENTS" if header_flags else f"{record.hex()} (vSID {vsid:#x})")

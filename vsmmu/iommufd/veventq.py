@@ -20,6 +20,7 @@ The unread count is recovered from the reader end's ``FIONREAD`` (for
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
 import logging
 import select
@@ -27,11 +28,53 @@ import socket
 import struct
 import termios
 
+from construct import Bytes, ConstructError, If, Int32ul, Struct, this
+
 from vsmmu.iommufd import uapi
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<II")
+VEVENT_HEADER = Struct("flags" / Int32ul, "sequence" / Int32ul)
+"""``struct iommufd_vevent_header``."""
+VEVENT_RECORD = Struct(
+    "header" / VEVENT_HEADER,
+    "event" / If(this.header.flags & uapi.VeventqFlag.LOST_EVENTS == 0,
+                 Bytes(uapi.VEVENT_ARM_SMMUV3_SIZE)),
+)
+"""One record a vEVENTQ read returns: the header, then (unless it says LOST_EVENTS) the
+``struct iommu_vevent_arm_smmuv3`` event."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VeventRecord:
+    """One parsed vEVENTQ record: ``event`` is None for a LOST_EVENTS header."""
+
+    flags: int
+    sequence: int
+    event: bytes | None
+
+
+def vevent_record(flags: int, sequence: int, event: bytes | None) -> bytes:
+    """The bytes of one record as the kernel queues it."""
+    record: bytes = VEVENT_RECORD.build({"header": {"flags": flags, "sequence": sequence},
+                                         "event": event})
+    return record
+
+
+def parse_vevent_records(data: bytes) -> tuple[list[VeventRecord], int]:
+    """The whole records at the start of ``data`` (what one read returned), and how many
+    bytes they took; a truncated last record is left out."""
+    records: list[VeventRecord] = []
+    offset = 0
+    while offset < len(data):
+        try:
+            parsed = VEVENT_RECORD.parse(data[offset:])
+        except ConstructError:
+            break
+        event = parsed.event
+        records.append(VeventRecord(parsed.header.flags, parsed.header.sequence, event))
+        offset += VEVENT_HEADER.sizeof() + (len(event) if event is not None else 0)
+    return records, offset
 
 
 class SimVeventQueue:
@@ -73,7 +116,7 @@ class SimVeventQueue:
         return any(lost for _, lost in self._unread)
 
     def _send(self, flags: int, payload: bytes, lost: bool) -> bool:
-        record = _HEADER.pack(flags, self.sequence) + payload
+        record = vevent_record(flags, self.sequence, payload if not lost else None)
         try:
             self._writer.send(record)
         except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError) as exc:

@@ -63,10 +63,9 @@ import asyncio
 import errno
 import logging
 import os
-import struct
 from collections.abc import Sequence
 
-from vsmmu.arch.events import EVENT_SIZE, EventId, decode_event, encode_event
+from vsmmu.arch.events import EventId, decode_event, encode_event
 from vsmmu.arch.registers import QUEUE_BASE
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import (
@@ -74,6 +73,7 @@ from vsmmu.iommufd.backend import (
     IommufdBackend,
     IommufdError,
 )
+from vsmmu.iommufd.veventq import parse_vevent_records
 from vsmmu.nesting.policy import CBadStePolicy
 from vsmmu.nesting.routes import NestingError, RoutedTransactions
 from vsmmu.nesting.state import GuestObjects, NestedHwpt, Stream, TranslatorObserver
@@ -82,8 +82,6 @@ from vsmmu.smmu import GbpaState, QueuedCommand, SmmuV3, SteStatus, StreamTableC
 
 logger = logging.getLogger(__name__)
 
-_VEVENT_HEADER = struct.Struct("<II")
-"""``struct iommufd_vevent_header``: flags, sequence."""
 _VEVENTQ_READ_SIZE = 64 * (uapi.VEVENT_HEADER_SIZE + uapi.VEVENT_ARM_SMMUV3_SIZE)
 _VALID = SteStatus.VALID
 
@@ -559,25 +557,19 @@ class NestingTranslator(RoutedTransactions):
         return self._parse_records(data)
 
     def _parse_records(self, data: bytes) -> int:
+        records, used = parse_vevent_records(data)
         count = 0
-        offset = 0
-        header = _VEVENT_HEADER.size
-        while offset + header <= len(data):
-            flags, _sequence = _VEVENT_HEADER.unpack_from(data, offset)
-            offset += header
-            if flags & uapi.VeventqFlag.LOST_EVENTS:
+        for record in records:
+            if record.event is None:
                 logger.warning("host vEVENTQ lost events: guest event queue overflow")
                 self.smmu.signal_event_overflow()
                 self.observer.event_overflow("veventq")
                 continue
-            record = data[offset:offset + EVENT_SIZE]
-            offset += EVENT_SIZE
-            if len(record) < EVENT_SIZE:
-                logger.error("vEVENTQ record of %d bytes: expected %d", len(record), EVENT_SIZE)
-                break
             self.events_forwarded += 1
-            self.record_event(record, "veventq")
+            self.record_event(record.event, "veventq")
             count += 1
+        if used < len(data):
+            logger.error("vEVENTQ read: %d bytes after the last whole record", len(data) - used)
         return count
 
     # ------------------------------------------------------------ shutdown
