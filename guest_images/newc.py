@@ -7,9 +7,12 @@ to 4 bytes.  The archive ends with a member named ``TRAILER!!!``.
 
 from __future__ import annotations
 
+import io
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from construct import Bytes, Const, ConstructError, ExprAdapter, Padding, Struct, this
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -62,8 +65,19 @@ def _pad(length: int) -> int:
     return (ALIGN - length % ALIGN) % ALIGN
 
 
-def _header(fields: dict[str, int]) -> bytes:
-    return MAGIC + b"".join(b"%08X" % fields[f] for f in HEADER_FIELDS)
+HEX_FIELD = ExprAdapter(Bytes(FIELD_WIDTH),
+                        decoder=lambda raw, _ctx: int(raw, 16),
+                        encoder=lambda value, _ctx: b"%08X" % value)
+"""An 8-digit ASCII hex number."""
+NEWC_HEADER = Struct("magic" / Const(MAGIC), *(name / HEX_FIELD for name in HEADER_FIELDS))
+NEWC_MEMBER = Struct(
+    "header" / NEWC_HEADER,
+    "name" / Bytes(this.header.namesize),
+    Padding(lambda ctx: _pad(HEADER_SIZE + ctx.header.namesize)),
+    "data" / Bytes(this.header.filesize),
+    Padding(lambda ctx: _pad(ctx.header.filesize)),
+)
+"""One member: header, NUL-terminated name and data, each padded to 4 bytes."""
 
 
 def write_newc(entries: Iterable[NewcEntry]) -> bytes:
@@ -72,9 +86,8 @@ def write_newc(entries: Iterable[NewcEntry]) -> bytes:
     members = [*entries, NewcEntry(TRAILER, 0)]
     for ino, entry in enumerate(members, start=1):
         name = entry.name.encode() + b"\0"
-        is_trailer = entry.name == TRAILER
-        fields = {
-            "ino": 0 if is_trailer else ino,
+        header = {
+            "ino": 0 if entry.name == TRAILER else ino,
             "mode": entry.mode,
             "uid": 0,
             "gid": 0,
@@ -88,9 +101,7 @@ def write_newc(entries: Iterable[NewcEntry]) -> bytes:
             "namesize": len(name),
             "check": 0,
         }
-        out += _header(fields)
-        out += name + b"\0" * _pad(HEADER_SIZE + len(name))
-        out += entry.data + b"\0" * _pad(len(entry.data))
+        out += NEWC_MEMBER.build({"header": header, "name": name, "data": entry.data})
     return bytes(out)
 
 
@@ -100,32 +111,19 @@ def read_newc(archive: bytes) -> list[NewcEntry]:
     Raises NewcError on a bad magic, a truncated member or a missing trailer.
     """
     entries: list[NewcEntry] = []
-    pos = 0
+    stream = io.BytesIO(archive)
     while True:
-        header = archive[pos : pos + HEADER_SIZE]
-        if len(header) < HEADER_SIZE:
-            raise NewcError(f"newc archive truncated at offset {pos}, expected a header")
-        if header[: len(MAGIC)] != MAGIC:
-            raise NewcError(f"newc magic at offset {pos} is {header[:6]!r}, expected {MAGIC!r}")
-        fields = {
-            name: int(header[len(MAGIC) + i * FIELD_WIDTH : len(MAGIC) + (i + 1) * FIELD_WIDTH], 16)
-            for i, name in enumerate(HEADER_FIELDS)
-        }
-        pos += HEADER_SIZE
-        raw_name = archive[pos : pos + fields["namesize"]]
-        if len(raw_name) != fields["namesize"] or not raw_name.endswith(b"\0"):
-            raise NewcError(f"newc member name at offset {pos} is truncated or not NUL-terminated")
-        name = raw_name[:-1].decode()
-        pos += fields["namesize"] + _pad(HEADER_SIZE + fields["namesize"])
-        data = archive[pos : pos + fields["filesize"]]
-        if len(data) != fields["filesize"]:
-            raise NewcError(
-                f"newc member {name!r} data truncated, expected {fields['filesize']} bytes"
-            )
-        pos += fields["filesize"] + _pad(fields["filesize"])
+        pos = stream.tell()
+        try:
+            member = NEWC_MEMBER.parse_stream(stream)
+        except (ConstructError, ValueError) as exc:
+            raise NewcError(f"newc member at offset {pos} is malformed or truncated: "
+                            f"{exc}") from None
+        header = member.header
+        if not member.name.endswith(b"\0"):
+            raise NewcError(f"newc member name at offset {pos} is not NUL-terminated")
+        name = member.name[:-1].decode()
         if name == TRAILER:
             return entries
-        entries.append(
-            NewcEntry(name, fields["mode"], data, fields["rdevmajor"], fields["rdevminor"],
-                      fields["mtime"])
-        )
+        entries.append(NewcEntry(name, header.mode, member.data, header.rdevmajor,
+                                 header.rdevminor, header.mtime))

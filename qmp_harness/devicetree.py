@@ -13,12 +13,13 @@ PCIe host bridge, as DESIGN.md section 5 describes.
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from construct import ConstructError, GreedyRange, Int32ub, Int64ub, Struct
 
 from qmp_harness.machine import MachineConfig, machine_argv
 from qmp_harness.provision import QemuInstall
@@ -28,12 +29,29 @@ FDT_VERSION = 17
 FDT_LAST_COMPATIBLE_VERSION = 16
 FDT_BEGIN_NODE = 1
 FDT_END_NODE = 2
-FDT_PROP = 3
+FDT_PROP_TOKEN = 3
 FDT_NOP = 4
 FDT_END = 9
-HEADER = struct.Struct(">10I")
-RESERVE_ENTRY = struct.Struct(">QQ")
-CELL = struct.Struct(">I")
+FDT_HEADER = Struct(
+    "magic" / Int32ub,
+    "totalsize" / Int32ub,
+    "off_dt_struct" / Int32ub,
+    "off_dt_strings" / Int32ub,
+    "off_mem_rsvmap" / Int32ub,
+    "version" / Int32ub,
+    "last_comp_version" / Int32ub,
+    "boot_cpuid_phys" / Int32ub,
+    "size_dt_strings" / Int32ub,
+    "size_dt_struct" / Int32ub,
+)
+"""``struct fdt_header`` (all fields big-endian)."""
+FDT_RESERVE_ENTRY = Struct("address" / Int64ub, "size" / Int64ub)
+"""``struct fdt_reserve_entry``; a zero pair ends the block."""
+FDT_PROP = Struct("len" / Int32ub, "nameoff" / Int32ub)
+"""What follows an FDT_PROP token: the value's length and its name's offset in the strings."""
+CELL = Int32ub
+"""A 32-bit big-endian cell (tokens, and the values of most properties)."""
+CELLS = GreedyRange(CELL)
 CELL_SIZE = 4
 
 # include/dt-bindings/interrupt-controller/{arm-gic,irq}.h
@@ -90,7 +108,7 @@ class DtNode:
             raise DeviceTreeError(
                 f"property {prop!r} of {self.name!r} is {len(raw)} bytes, expected whole cells"
             )
-        return [c for (c,) in CELL.iter_unpack(raw)]
+        return list(CELLS.parse(raw))
 
     def strings(self, prop: str) -> list[str]:
         """Property ``prop`` as a string list."""
@@ -99,7 +117,7 @@ class DtNode:
 
     def set_cells(self, prop: str, cells: Sequence[int]) -> None:
         """Set ``prop`` to the u32 ``cells``."""
-        self.properties[prop] = b"".join(CELL.pack(c) for c in cells)
+        self.properties[prop] = CELLS.build(list(cells))
 
     def set_strings(self, prop: str, *values: str) -> None:
         """Set ``prop`` to a string list."""
@@ -134,30 +152,39 @@ def _align(offset: int) -> int:
 
 def parse_dtb(blob: bytes) -> DeviceTree:
     """Parse a DTB; raises DeviceTreeError on a bad header or token stream."""
-    if len(blob) < HEADER.size:
-        raise DeviceTreeError(f"DTB is {len(blob)} bytes, shorter than its header")
-    (magic, total, off_struct, off_strings, off_rsv, version, _last, boot_cpuid,
-     size_strings, size_struct) = HEADER.unpack_from(blob)
-    if magic != FDT_MAGIC:
-        raise DeviceTreeError(f"DTB magic is {magic:#x}, expected {FDT_MAGIC:#x}")
-    if total > len(blob) or version < FDT_LAST_COMPATIBLE_VERSION:
-        raise DeviceTreeError(f"DTB totalsize {total} / version {version} not usable")
-    strings = blob[off_strings : off_strings + size_strings]
-    reservations = []
-    pos = off_rsv
-    while True:
-        address, size = RESERVE_ENTRY.unpack_from(blob, pos)
-        pos += RESERVE_ENTRY.size
-        if address == 0 and size == 0:
-            break
-        reservations.append((address, size))
+    try:
+        return _parse_dtb(blob)
+    except (ConstructError, IndexError, ValueError) as exc:
+        if isinstance(exc, DeviceTreeError):
+            raise
+        raise DeviceTreeError(f"DTB is malformed: {exc}") from None
 
-    pos = off_struct
-    end = off_struct + size_struct
+
+def _parse_dtb(blob: bytes) -> DeviceTree:
+    if len(blob) < FDT_HEADER.sizeof():
+        raise DeviceTreeError(f"DTB is {len(blob)} bytes, shorter than its header")
+    header = FDT_HEADER.parse(blob)
+    if header.magic != FDT_MAGIC:
+        raise DeviceTreeError(f"DTB magic is {header.magic:#x}, expected {FDT_MAGIC:#x}")
+    if header.totalsize > len(blob) or header.version < FDT_LAST_COMPATIBLE_VERSION:
+        raise DeviceTreeError(f"DTB totalsize {header.totalsize} / version {header.version} "
+                              "not usable")
+    strings = blob[header.off_dt_strings : header.off_dt_strings + header.size_dt_strings]
+    reservations = []
+    pos = header.off_mem_rsvmap
+    while True:
+        entry = FDT_RESERVE_ENTRY.parse(blob[pos : pos + FDT_RESERVE_ENTRY.sizeof()])
+        pos += FDT_RESERVE_ENTRY.sizeof()
+        if entry.address == 0 and entry.size == 0:
+            break
+        reservations.append((entry.address, entry.size))
+
+    pos = header.off_dt_struct
+    end = header.off_dt_struct + header.size_dt_struct
     stack: list[DtNode] = []
     root: DtNode | None = None
     while pos < end:
-        (token,) = CELL.unpack_from(blob, pos)
+        token = CELL.parse(blob[pos : pos + CELL_SIZE])
         pos += CELL_SIZE
         if token == FDT_BEGIN_NODE:
             nul = blob.index(b"\0", pos)
@@ -174,14 +201,14 @@ def parse_dtb(blob: bytes) -> DeviceTree:
             if not stack:
                 raise DeviceTreeError(f"DTB END_NODE without a node at offset {pos}")
             stack.pop()
-        elif token == FDT_PROP:
-            length, nameoff = struct.unpack_from(">II", blob, pos)
-            pos += 8
-            name = strings[nameoff : strings.index(b"\0", nameoff)].decode()
+        elif token == FDT_PROP_TOKEN:
+            prop = FDT_PROP.parse(blob[pos : pos + FDT_PROP.sizeof()])
+            pos += FDT_PROP.sizeof()
+            name = strings[prop.nameoff : strings.index(b"\0", prop.nameoff)].decode()
             if not stack:
                 raise DeviceTreeError(f"DTB property {name!r} outside any node")
-            stack[-1].properties[name] = bytes(blob[pos : pos + length])
-            pos = _align(pos + length)
+            stack[-1].properties[name] = bytes(blob[pos : pos + prop.len])
+            pos = _align(pos + prop.len)
         elif token == FDT_NOP:
             continue
         elif token == FDT_END:
@@ -190,7 +217,7 @@ def parse_dtb(blob: bytes) -> DeviceTree:
             raise DeviceTreeError(f"DTB token {token:#x} at offset {pos - CELL_SIZE} is unknown")
     if root is None or stack:
         raise DeviceTreeError("DTB structure block is empty or unbalanced")
-    return DeviceTree(root, reservations, boot_cpuid)
+    return DeviceTree(root, reservations, header.boot_cpuid_phys)
 
 
 def write_dtb(tree: DeviceTree) -> bytes:
@@ -206,28 +233,33 @@ def write_dtb(tree: DeviceTree) -> bytes:
         return offsets[name]
 
     def emit(node: DtNode) -> None:
-        structure.extend(CELL.pack(FDT_BEGIN_NODE))
+        structure.extend(CELL.build(FDT_BEGIN_NODE))
         raw = node.name.encode() + b"\0"
         structure.extend(raw + b"\0" * (_align(len(raw)) - len(raw)))
         for prop, value in node.properties.items():
-            structure.extend(struct.pack(">III", FDT_PROP, len(value), name_offset(prop)))
+            structure.extend(CELL.build(FDT_PROP_TOKEN))
+            structure.extend(FDT_PROP.build({"len": len(value), "nameoff": name_offset(prop)}))
             structure.extend(value + b"\0" * (_align(len(value)) - len(value)))
         for child in node.children:
             emit(child)
-        structure.extend(CELL.pack(FDT_END_NODE))
+        structure.extend(CELL.build(FDT_END_NODE))
 
     emit(tree.root)
-    structure.extend(CELL.pack(FDT_END))
-    reserve = b"".join(RESERVE_ENTRY.pack(a, s) for a, s in [*tree.reservations, (0, 0)])
-    off_rsv = _align(HEADER.size)
+    structure.extend(CELL.build(FDT_END))
+    reserve = b"".join(FDT_RESERVE_ENTRY.build({"address": a, "size": s})
+                       for a, s in [*tree.reservations, (0, 0)])
+    off_rsv = _align(FDT_HEADER.sizeof())
     off_struct = off_rsv + len(reserve)
     off_strings = off_struct + len(structure)
     total = off_strings + len(strings)
-    header = HEADER.pack(
-        FDT_MAGIC, total, off_struct, off_strings, off_rsv, FDT_VERSION,
-        FDT_LAST_COMPATIBLE_VERSION, tree.boot_cpuid, len(strings), len(structure),
-    )
-    return header + b"\0" * (off_rsv - HEADER.size) + reserve + bytes(structure) + bytes(strings)
+    header: bytes = FDT_HEADER.build({
+        "magic": FDT_MAGIC, "totalsize": total, "off_dt_struct": off_struct,
+        "off_dt_strings": off_strings, "off_mem_rsvmap": off_rsv, "version": FDT_VERSION,
+        "last_comp_version": FDT_LAST_COMPATIBLE_VERSION, "boot_cpuid_phys": tree.boot_cpuid,
+        "size_dt_strings": len(strings), "size_dt_struct": len(structure),
+    })
+    return (header + b"\0" * (off_rsv - len(header)) + reserve + bytes(structure)
+            + bytes(strings))
 
 
 def dump_machine_dtb(install: QemuInstall, config: MachineConfig) -> DeviceTree:

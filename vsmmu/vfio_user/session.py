@@ -47,7 +47,7 @@ _REGION_RW_UNPACK = uapi.REGION_RW.unpack_from
 _COMMAND_NAMES = {int(command): command.name for command in uapi.Command}
 
 
-def _unpack(layout: struct.Struct, message: Message) -> tuple[int, ...]:
+def _unpack(layout: struct.Struct | uapi.Layout, message: Message) -> tuple[int, ...]:
     if len(message.payload) < layout.size:
         raise CommandError(
             errno.EINVAL,

@@ -13,6 +13,36 @@ import enum
 import struct
 from typing import Final
 
+from construct import Int16ul, Int32ul, Int64ul, Struct
+
+
+class Layout:
+    """A fixed-size message body declared with construct, read and written as tuples.
+
+    The declaration (:attr:`declaration`) is the layout a reader sees once;
+    :meth:`pack`/:meth:`unpack_from`/:attr:`size` take and give the fields in
+    declaration order, as the handlers use them.  For control messages only:
+    the register path (header, REGION_READ/WRITE) keeps :class:`struct.Struct`,
+    which a compiled construct does not match in speed.
+    """
+
+    def __init__(self, declaration: Struct) -> None:
+        self.declaration = declaration
+        self.size: int = declaration.sizeof()
+        self.fields: tuple[str, ...] = tuple(sub.name for sub in declaration.subcons)
+
+    def pack(self, *values: int) -> bytes:
+        """The fields ``values`` (in declaration order) as bytes."""
+        data: bytes = self.declaration.build(dict(zip(self.fields, values, strict=True)))
+        return data
+
+    def unpack_from(self, buffer: bytes | bytearray | memoryview, offset: int = 0
+                    ) -> tuple[int, ...]:
+        """The fields at ``offset`` of ``buffer`` (which holds at least :attr:`size` more)."""
+        parsed = self.declaration.parse(bytes(buffer[offset:offset + self.size]))
+        return tuple(parsed[name] for name in self.fields)
+
+
 # --------------------------------------------------------------------------
 # vfio-user message header and commands
 # --------------------------------------------------------------------------
@@ -58,8 +88,8 @@ MSG_KNOWN_FLAGS: Final = MSG_TYPE_MASK | int(MsgFlag.NO_REPLY) | int(MsgFlag.ERR
 
 VERSION_MAJOR: Final = 0
 VERSION_MINOR: Final = 0
-#: ``u16 major, u16 minor`` then a NUL-terminated JSON capabilities string.
-VERSION_BODY: Final = struct.Struct("<HH")
+VERSION_BODY: Final = Layout(Struct("major" / Int16ul, "minor" / Int16ul))
+"""VERSION: then a NUL-terminated JSON capabilities string."""
 
 CAP_ROOT: Final = "capabilities"
 CAP_MAX_FDS: Final = "max_msg_fds"
@@ -77,40 +107,45 @@ DEFAULT_MAX_DMA_MAPS: Final = 65535
 #: Room for the largest fixed part of any message on top of ``max_data_xfer_size``.
 MAX_FIXED_PART: Final = 4096
 
-# DMA_MAP: u32 argsz, u32 flags, u64 offset (into the fd), u64 address, u64 size.
-DMA_MAP: Final = struct.Struct("<IIQQQ")
+DMA_MAP: Final = Layout(Struct("argsz" / Int32ul, "flags" / Int32ul, "offset" / Int64ul,
+                               "address" / Int64ul, "size" / Int64ul))
+"""DMA_MAP (``offset`` into the fd that comes with the message)."""
 DMA_MAP_READ: Final = 0x1
 DMA_MAP_WRITE: Final = 0x2
 DMA_MAP_KNOWN_FLAGS: Final = DMA_MAP_READ | DMA_MAP_WRITE
 
-# DMA_UNMAP: u32 argsz, u32 flags, u64 address, u64 size.
-DMA_UNMAP: Final = struct.Struct("<IIQQ")
+DMA_UNMAP: Final = Layout(Struct("argsz" / Int32ul, "flags" / Int32ul, "address" / Int64ul,
+                                 "size" / Int64ul))
 DMA_UNMAP_GET_DIRTY_BITMAP: Final = 0x1
 DMA_UNMAP_ALL: Final = 0x2
 DMA_UNMAP_KNOWN_FLAGS: Final = DMA_UNMAP_GET_DIRTY_BITMAP | DMA_UNMAP_ALL
 
-# DEVICE_GET_INFO: u32 argsz, u32 flags, u32 num_regions, u32 num_irqs.
-DEVICE_INFO: Final = struct.Struct("<IIII")
+DEVICE_INFO: Final = Layout(Struct("argsz" / Int32ul, "flags" / Int32ul,
+                                   "num_regions" / Int32ul, "num_irqs" / Int32ul))
+"""DEVICE_GET_INFO."""
 DEVICE_FLAGS_RESET: Final = 0x1
 DEVICE_FLAGS_PCI: Final = 0x2
 
-# DEVICE_GET_REGION_INFO: u32 argsz, u32 flags, u32 index, u32 cap_offset,
-# u64 size, u64 offset.
-REGION_INFO: Final = struct.Struct("<IIIIQQ")
+REGION_INFO: Final = Layout(Struct("argsz" / Int32ul, "flags" / Int32ul, "index" / Int32ul,
+                                   "cap_offset" / Int32ul, "size" / Int64ul,
+                                   "offset" / Int64ul))
+"""DEVICE_GET_REGION_INFO (capabilities follow at ``cap_offset``)."""
 REGION_INFO_FLAG_READ: Final = 0x1
 REGION_INFO_FLAG_WRITE: Final = 0x2
 REGION_INFO_FLAG_MMAP: Final = 0x4
 REGION_INFO_FLAG_CAPS: Final = 0x8
 
-# DEVICE_GET_IRQ_INFO: u32 argsz, u32 flags, u32 index, u32 count.
-IRQ_INFO: Final = struct.Struct("<IIII")
+IRQ_INFO: Final = Layout(Struct("argsz" / Int32ul, "flags" / Int32ul, "index" / Int32ul,
+                                "count" / Int32ul))
+"""DEVICE_GET_IRQ_INFO."""
 IRQ_INFO_EVENTFD: Final = 0x1
 IRQ_INFO_MASKABLE: Final = 0x2
 IRQ_INFO_AUTOMASKED: Final = 0x4
 IRQ_INFO_NORESIZE: Final = 0x8
 
-# DEVICE_SET_IRQS: u32 argsz, u32 flags, u32 index, u32 start, u32 count.
-IRQ_SET: Final = struct.Struct("<IIIII")
+IRQ_SET: Final = Layout(Struct("argsz" / Int32ul, "flags" / Int32ul, "index" / Int32ul,
+                               "start" / Int32ul, "count" / Int32ul))
+"""DEVICE_SET_IRQS (eventfds or bools follow)."""
 IRQ_SET_DATA_NONE: Final = 0x1
 IRQ_SET_DATA_BOOL: Final = 0x2
 IRQ_SET_DATA_EVENTFD: Final = 0x4
