@@ -59,7 +59,7 @@ PIPE_FILLING_TRIGGERS = 64 * 1024 // 8 + 64
 
 _INTERESTING = (0, 1, 2, 3, 4, 7, 8, 16, 24, 32, 0x3F, 0xFFF, 0x1000, 0x7FFF_FFFF, 0xFFFF_FFFF,
                 1 << 52, 1 << 60, (1 << 64) - 1)
-_LAYOUTS: dict[int, struct.Struct] = {
+_LAYOUTS: dict[int, struct.Struct | uapi.Layout] = {
     uapi.Command.VERSION: uapi.VERSION_BODY,
     uapi.Command.DMA_MAP: uapi.DMA_MAP,
     uapi.Command.DMA_UNMAP: uapi.DMA_UNMAP,

@@ -233,8 +233,10 @@ class Service:
         self.diagnostics = Diagnostics(self.smmu, self.translator, self.endpoints,
                                        self.dma_ports, self.monitor.emit, loop)
         self.diagnostics.set_sanitize(config.sanitize)
-        ServiceCommands(self.smmu, self.translator, self.backend,
-                        self.diagnostics).register(self.monitor)
+        self.commands = ServiceCommands(self.smmu, self.translator, self.backend,
+                                        self.diagnostics)
+        """The QMP commands (also callable directly, as the monitor calls them)."""
+        self.commands.register(self.monitor)
         self._stop_requested = asyncio.Event()
 
     # ------------------------------------------------------------ life cycle

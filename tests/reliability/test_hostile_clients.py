@@ -273,8 +273,7 @@ async def test_addresses_beyond_52_bits_fault_architecturally(tmp_path: Path, io
             ram[0x10000 + n * COMMAND_SIZE:0x10000 + (n + 1) * COMMAND_SIZE] = command
         await write_reg(client, Reg.CMDQ_PROD, 4, 2)
         assert await read_reg(client, Reg.CMDQ_CONS) == 2
-        assert service.monitor is not None and service.translator is not None
-        result = service._qmp_inject({"sid": SID, "iova": iova})
+        result = service.commands.inject_transaction({"sid": SID, "iova": iova})
         assert result["ok"] is False and result["event"] == "F_TRANSLATION", result
         with pytest.raises(EndpointDmaError) as info:
             probe.port.write(iova, b"x" * 8)  # type: ignore[attr-defined]

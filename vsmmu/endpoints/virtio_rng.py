@@ -15,10 +15,8 @@ index i = 0, 1, 2, ..., of
              || i as 8 bytes little-endian )
 
 so byte ``offset`` is byte ``offset % 32`` of block ``offset // 32``.
-:func:`expected_stream` returns any window of it; :func:`locate_in_stream`
-finds where a sample read by the guest starts; :func:`match_stream_blocks`
-checks a long read given as per-block SHA-256 digests, allowing for the
-chunks Linux's own hwrng kthread takes in the middle of it.
+:func:`expected_stream` returns any window of it (the harness's
+:mod:`qmp_harness.hwrng` checks what a guest read against it).
 
 The position resets to 0 on a function reset (QEMU's DEVICE_RESET, client
 disconnect, :meth:`VirtioRng.reset`), not when the driver writes status 0:

@@ -30,6 +30,9 @@ class Layout:
         self.declaration = declaration
         self.size: int = declaration.sizeof()
         self.fields: tuple[str, ...] = tuple(sub.name for sub in declaration.subcons)
+        self.format: str = "<" + "".join(sub.subcon.fmtstr.lstrip("<>=").replace("L", "I")
+                                         for sub in declaration.subcons)
+        """The fields as :mod:`struct` format codes (for probes that generate values)."""
 
     def pack(self, *values: int) -> bytes:
         """The fields ``values`` (in declaration order) as bytes."""
