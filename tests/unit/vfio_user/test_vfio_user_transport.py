@@ -19,7 +19,6 @@ import os
 import socket
 from collections.abc import Callable
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +26,7 @@ from vsmmu.vfio_user import uapi
 from vsmmu.vfio_user.client import VfioUserClient
 from vsmmu.vfio_user.messages import FrameDecoder, Message, ProtocolError, close_fds
 from vsmmu.vfio_user.sample import ScratchDevice
-from vsmmu.vfio_user.server import Connection, VfioUserServer
+from vsmmu.vfio_user.server import VfioUserServer
 from vsmmu.vfio_user.transport import SCM_MAX_FD, ConnectionClosed, MessageChannel
 
 MAX_MESSAGE = 256
@@ -218,18 +217,38 @@ async def test_queued_sends_keep_order_and_fail_on_close() -> None:
     theirs.close()
 
 
+class QueueWatchingDevice(ScratchDevice):
+    """The sample device whose BAR reads note whether replies were waiting to be sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server: VfioUserServer | None = None
+        self.replies_queued_at_read: list[bool] = []
+
+    def read(self, offset: int, size: int) -> int:
+        connection = self.server.connection if self.server is not None else None
+        self.replies_queued_at_read.append(connection is not None
+                                           and connection.channel.send_queued)
+        return super().read(offset, size)
+
+
 async def test_server_pauses_reading_while_the_client_does_not_take_replies(
-    sample: ScratchDevice, socket_path: str, monkeypatch: pytest.MonkeyPatch,
+    socket_path: str,
 ) -> None:
-    pauses: list[int] = []
-    pause = Connection._pause_reading
+    """A client that sends without reading: no request is handled while replies wait to
+    be sent (the server stopped reading), and every reply still arrives, in order."""
+    sample = QueueWatchingDevice()
+    seen_queued: list[bool] = []
 
-    def counting_pause(self: Connection) -> None:
-        pauses.append(len(pauses))
-        pause(self)
+    async def watch(server: VfioUserServer) -> None:
+        while True:  # between reader callbacks: did replies ever pile up?
+            if server.connection is not None and server.connection.channel.send_queued:
+                seen_queued.append(True)
+            await asyncio.sleep(0)
 
-    monkeypatch.setattr(Connection, "_pause_reading", counting_pause)
     async with VfioUserServer(sample.pci, socket_path) as server, VfioUserClient() as client:
+        sample.server = server
+        watcher = asyncio.ensure_future(watch(server))
         await client.connect(socket_path)
         await client.negotiate()
         await client.region_write(uapi.PciRegion.BAR0, 0, b"\x11\x22\x33\x44")
@@ -261,4 +280,8 @@ async def test_server_pauses_reading_while_the_client_does_not_take_replies(
         assert replies == expected * FLOOD_READS
         assert server.connection is not None
         assert server.connection.session.stats["REGION_READ"] == FLOOD_READS
-        assert pauses, "the replies never filled the socket: nothing tested"
+        watcher.cancel()
+        assert seen_queued, "the replies never filled the socket: nothing tested"
+        reads = sample.replies_queued_at_read
+        assert len(reads) == FLOOD_READS and not any(reads), \
+            f"{sum(reads)} requests handled while replies were queued"
