@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 
-from vsmmu.arch.commands import CMD, COMMAND_SIZE, CmdOpcode
+from vsmmu.arch.commands import CMD, COMMAND_SIZE, CError, CmdOpcode, Command
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import GuestMemory, GuestMemoryError
 
 logger = logging.getLogger(__name__)
+
+CommandErrorHandler = Callable[[CError, int, Command | None], None]
+"""Hears the command queue stop: (CERROR, failing command's index, command or None)."""
 
 
 class CommandKind(enum.IntEnum):

@@ -58,7 +58,6 @@ import contextlib
 import functools
 import logging
 import struct
-from collections.abc import Callable
 
 from vsmmu.arch.commands import (
     CFGI_ALL_RANGE,
@@ -94,7 +93,13 @@ from vsmmu.arch.registers import (
     Reg,
 )
 from vsmmu.arch.ste import STE_SIZE, id_fits
-from vsmmu.smmu.cmdq import KIND_KEY_MASK, CommandKind, command_kinds, fetch_commands
+from vsmmu.smmu.cmdq import (
+    KIND_KEY_MASK,
+    CommandErrorHandler,
+    CommandKind,
+    command_kinds,
+    fetch_commands,
+)
 from vsmmu.smmu.features import SmmuFeatures
 from vsmmu.smmu.interfaces import (
     ConfigSink,
@@ -111,9 +116,9 @@ from vsmmu.smmu.observer import SmmuObserver
 from vsmmu.smmu.regfile import WORD_BYTES, WORD_MASK, RegisterFile, constant
 from vsmmu.smmu.streamtable import (
     CdLookup,
+    SteClassCache,
     SteLookup,
     SteStatus,
-    classify_ste,
     locate_ste,
     lookup_cd,
     stream_table_config,
@@ -123,17 +128,12 @@ logger = logging.getLogger(__name__)
 
 _COMMAND_WORDS = struct.Struct("<QQ")
 
-CommandErrorHandler = Callable[[CError, int, Command | None], None]
-"""Hears the command queue stop: (CERROR, failing command's index, command or None)."""
-
 # Plain ints for the command loop (an enum member read through its class is slow).
 _BATCH, _CFGI_STE, _CFGI_STE_RANGE, _SYNC, _NOP = (int(kind) for kind in CommandKind)
 _OPCODE_MASK = CMD.OPCODE.inplace_mask
 _OPCODES: dict[int, CmdOpcode] = {int(op): op for op in CmdOpcode}
 _SYNC_CS_VALUES = frozenset(int(cs) for cs in SyncCs)
 _CERROR_NONE = CError.NONE
-STE_CACHE_ENTRIES = 4096
-"""Classified STEs kept by SID for :meth:`SmmuV3.lookup_ste` (emptied when full)."""
 _tuple_new = tuple.__new__
 """Builds a QueuedCommand without NamedTuple's Python-level ``__new__`` (one per command)."""
 
@@ -168,7 +168,7 @@ class SmmuV3(RegisterFile):
         self._cmdq_pointer_mask = QueueIndex(self.features.cmdqs).pointer_mask
         self._evtq_pointer_mask = QueueIndex(self.features.evtqs).pointer_mask
         self._stream_table: StreamTableConfig | None = None
-        self._ste_cache: dict[int, tuple[bytes, SteLookup]] = {}
+        self._ste_cache = SteClassCache()
         self._stream_table_key = (-1, -1)
         self._build_register_table()
         self._set_reset_values()
@@ -587,16 +587,8 @@ class SmmuV3(RegisterFile):
             raw = self.memory.read(where, STE_SIZE)
         except GuestMemoryError as exc:
             return SteLookup(sid, SteStatus.FETCH_ABORT, address=where, reason=str(exc))
-        # Same bytes at the same place classify the same way: reuse the lookup (the
-        # memory is still read every time, as a CFGI_STE requires).
-        cached = self._ste_cache.get(sid)
-        if cached is not None and cached[0] == raw and cached[1].address == where:
-            return cached[1]
-        if len(self._ste_cache) >= STE_CACHE_ENTRIES:
-            self._ste_cache.clear()
-        lookup = classify_ste(self.features, sid, where, raw)
-        self._ste_cache[sid] = (bytes(raw), lookup)  # a copy: never a view of live RAM
-        return lookup
+        # The memory is read every time, as a CFGI_STE requires; its classification is cached.
+        return self._ste_cache.classify(self.features, sid, where, raw)
 
     def lookup_cd(self, ste: SteLookup, ssid: int = 0) -> CdLookup:
         """Fetch and classify the CD of ``ssid`` under the STE ``ste`` looked up before."""

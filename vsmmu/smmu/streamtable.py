@@ -248,6 +248,31 @@ def classify_ste(features: SmmuFeatures, sid: int, address: int,
     return SteLookup(sid, _VALID, words, address)
 
 
+class SteClassCache:
+    """Classified STEs by SID: the same bytes at the same place classify the same way.
+
+    Emptied when it holds :attr:`ENTRIES` (a guest with that many live streams pays a
+    reclassification now and then, nothing more).
+    """
+
+    ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[bytes, SteLookup]] = {}
+
+    def classify(self, features: SmmuFeatures, sid: int, address: int,
+                 raw: bytes | bytearray | memoryview) -> SteLookup:
+        """:func:`classify_ste`, reusing the last lookup of ``sid`` when nothing changed."""
+        cached = self._cache.get(sid)
+        if cached is not None and cached[0] == raw and cached[1].address == address:
+            return cached[1]
+        if len(self._cache) >= self.ENTRIES:
+            self._cache.clear()
+        lookup = classify_ste(features, sid, address, raw)
+        self._cache[sid] = (bytes(raw), lookup)  # a copy: never a view of live RAM
+        return lookup
+
+
 def ste_illegal_reason(ste: Ste, features: SmmuFeatures) -> str | None:
     """Why a V=1 STE is ILLEGAL for ``features``, or None if it is not."""
     return _illegal_reason(features, ste.config, ste.s1fmt, ste.s1_context_ptr, ste.s1cdmax,
