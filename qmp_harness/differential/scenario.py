@@ -106,6 +106,10 @@ class Observation:
         return lines
 
 
+#: Registers whose write completes only when another (or the same) register says so.
+COMPLETION_READS = {smmu.CR0: smmu.CR0ACK, smmu.GBPA: smmu.GBPA}
+
+
 async def run(scenario: Scenario, target: Target) -> Observation:
     """Reset ``target``, clear the scratch RAM and perform the actions."""
     await target.reset()
@@ -122,6 +126,11 @@ async def run(scenario: Scenario, target: Target) -> Observation:
             await driver.issue(action.commands)
         elif isinstance(action, Register):
             await driver.write_reg(action.offset, action.value)
+            if action.offset in COMPLETION_READS:
+                # Software must see CR0ACK (or GBPA.Update clear) before relying on the
+                # change (IHI 0070 §6.3.9, §6.3.14); on ours the read also orders the
+                # posted write before a DMA that arrives on the endpoint's own socket.
+                await driver.read_reg(COMPLETION_READS[action.offset])
         elif isinstance(action, Enable):
             await driver.enable()
         else:
