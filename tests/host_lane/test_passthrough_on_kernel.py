@@ -30,7 +30,8 @@ EXPECTED = (
 )
 
 
-async def test_passthrough_scenarios_pass_on_the_real_kernel() -> None:
+async def test_passthrough_scenarios_pass_on_the_real_kernel(
+        capsys: pytest.CaptureFixture[str]) -> None:
     lane = await asyncio.to_thread(HostLane.provision)
     # No hypothesis plugin: the lane carries pure-Python files, and hypothesis's plugin
     # imports its native part at start-up (these scenarios do not use it).
@@ -42,5 +43,6 @@ async def test_passthrough_scenarios_pass_on_the_real_kernel() -> None:
     passed = set(re.findall(r"::(test_\w+)\[kernel\] PASSED", result.console))
     assert result.status == 0 and passed == set(EXPECTED), (
         f"status {result.status}, passed {sorted(passed)}\n{result.console[-8000:]}")
-    print(f"host lane: {len(passed)} scenarios passed on the real kernel; /init after "
-          f"{result.init_seconds:.1f} s, {result.wall_seconds:.1f} s in all")
+    with capsys.disabled():  # shown in make test's output, not captured
+        print(f"\nhost lane: {len(passed)} scenarios passed on the real kernel; /init after "
+              f"{result.init_seconds:.1f} s, {result.wall_seconds:.1f} s in all")
