@@ -4,6 +4,7 @@ checks (``iommufd_hwpt_invalidate``) and its copy of the user's entry array."""
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Sequence
 
 from vsmmu.arch.commands import CMD, CmdOpcode
@@ -92,24 +93,23 @@ def _mask(*fields: Field) -> int:
     return mask
 
 
-def validate_user_cmd(w0: int, w1: int, host: HostPersonality, op: str = _OP) -> None:
-    """``arm_vsmmu_validate_user_cmd``: EIO for a field the opcode does not allow on this host.
+_RANGED = (CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA)
 
-    Each opcode has its set of fields a guest may set (which depends on the
-    host SMMU's ASID and SubstreamID widths, range invalidation, DS and ATS);
-    any other bit (a RES0 bit, SSEC...) would raise CERROR_ILL on the shared
-    queue, so the kernel refuses the command before it gets there.
+
+@functools.lru_cache(maxsize=256)
+def _allowed_bits(opcode: int, host: HostPersonality) -> tuple[int, int] | None:
+    """The bits of (word 0, word 1) a guest may set in ``opcode`` on ``host``.
+
+    None for an opcode refused whole.  It depends on the opcode and the host
+    only, so it is computed once per pair, not per command (the invalidation
+    batch is a hot path).
     """
-    opcode = CMD.OPCODE.get(w0)
     allowed0, allowed1 = CMD.OPCODE.inplace_mask, 0
     asid = CMD.ASID.put(0, (1 << host.asid_bits) - 1)
-    if opcode in (CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA):
+    if opcode in _RANGED:
         if opcode == CmdOpcode.TLBI_NH_VA:
             allowed0 |= asid
         if host.range_invalidation:
-            if not _range_ok(w0, w1, host):
-                raise _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: reserved range encoding "
-                                          f"{w0:#018x} {w1:#018x}")
             allowed0 |= _mask(CMD.NUM, CMD.SCALE)
             allowed1 |= _mask(CMD.TG, CMD.TTL)
         allowed0 |= CMD.VMID.inplace_mask
@@ -118,10 +118,7 @@ def validate_user_cmd(w0: int, w1: int, host: HostPersonality, op: str = _OP) ->
         allowed0 |= CMD.VMID.inplace_mask | (asid if opcode == CmdOpcode.TLBI_NH_ASID else 0)
     elif opcode == CmdOpcode.ATC_INV:
         if not host.ats:
-            raise _err(errno.EIO, op, "ATC_INV: the host SMMU has no ATS")
-        if CMD.ATC_SIZE.get(w1) > uapi.ATC_INV_SIZE_ALL:
-            raise _err(errno.EIO, op, f"ATC_INV size {CMD.ATC_SIZE.get(w1)}: above "
-                                      f"{uapi.ATC_INV_SIZE_ALL}")
+            return None
         if host.ssid_bits:
             allowed0 |= _mask(CMD.SSV, CMD.SSID, CMD.ATC_GLOBAL)
         allowed0 |= CMD.SID.inplace_mask
@@ -132,7 +129,31 @@ def validate_user_cmd(w0: int, w1: int, host: HostPersonality, op: str = _OP) ->
             allowed1 |= CMD.LEAF.inplace_mask
         allowed0 |= CMD.SID.inplace_mask
     elif opcode != CmdOpcode.TLBI_NSNH_ALL:
+        return None
+    return allowed0, allowed1
+
+
+def validate_user_cmd(w0: int, w1: int, host: HostPersonality, op: str = _OP) -> None:
+    """``arm_vsmmu_validate_user_cmd``: EIO for a field the opcode does not allow on this host.
+
+    Each opcode has its set of fields a guest may set (which depends on the
+    host SMMU's ASID and SubstreamID widths, range invalidation, DS and ATS);
+    any other bit (a RES0 bit, SSEC...) would raise CERROR_ILL on the shared
+    queue, so the kernel refuses the command before it gets there.
+    """
+    opcode = CMD.OPCODE.get(w0)
+    allowed = _allowed_bits(opcode, host)
+    if allowed is None:
+        if opcode == CmdOpcode.ATC_INV:
+            raise _err(errno.EIO, op, "ATC_INV: the host SMMU has no ATS")
         raise _err(errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation")
+    if opcode in _RANGED and host.range_invalidation and not _range_ok(w0, w1, host):
+        raise _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: reserved range encoding "
+                                  f"{w0:#018x} {w1:#018x}")
+    if opcode == CmdOpcode.ATC_INV and CMD.ATC_SIZE.get(w1) > uapi.ATC_INV_SIZE_ALL:
+        raise _err(errno.EIO, op, f"ATC_INV size {CMD.ATC_SIZE.get(w1)}: above "
+                                  f"{uapi.ATC_INV_SIZE_ALL}")
+    allowed0, allowed1 = allowed
     if w0 & ~allowed0 or w1 & ~allowed1:
         raise _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: bits {w0 & ~allowed0:#018x} "
                                   f"{w1 & ~allowed1:#018x} not allowed for this opcode")
