@@ -237,6 +237,14 @@ def test_unmapped_page_faults_with_the_guest_sid_through_the_veventq(world: Worl
                                match={"type": "F_TRANSLATION", "origin": "veventq"})
     assert forwarded["data"]["sid"] == SID
 
+    # The queue stays watched once drained: the kernel's read of an empty vEVENTQ returns
+    # 0 bytes (eventq.c), which is no end of file, so a later fault comes through too.
+    since = len(vmm.events.events)
+    assert dma(world, vmm) == Result.TX_FAIL
+    again = vmm.wait_event("VSMMU_EVENT", since=since,
+                           match={"type": "F_TRANSLATION", "origin": "veventq"})
+    assert again["data"]["sid"] == SID
+
 
 def test_host_refused_vste_is_reported_per_the_cbadste_event_policy(world: World) -> None:
     # No legal guest STE makes the real kernel refuse its vSTE (the translator sends only

@@ -15,7 +15,7 @@ Typical translator flow (DESIGN.md §3)::
     s2 = be.hwpt_alloc(dev, ioas, flags=HwptAllocFlags.NEST_PARENT)
     viommu = be.viommu_alloc(dev, s2)
     be.vdevice_alloc(viommu, dev, virt_id=guest_sid)
-    q = be.veventq_alloc(viommu, depth=64)      # q.fd: read records from it
+    q = be.veventq_alloc(viommu, depth=64)      # poll q.fd; be.veventq_read(q.fd, 4096)
     nested = be.hwpt_alloc(dev, viommu, data=vste_words)
     be.device_attach(dev, nested)
     handled = be.hwpt_invalidate(viommu, [(cmd0, cmd1), ...])
@@ -157,12 +157,11 @@ class HwInfo:
 
 @dataclass(frozen=True)
 class VeventqHandle:
-    """An allocated vEVENTQ: its object id and the readable, non-blocking fd.
+    """An allocated vEVENTQ: its object id and its pollable fd.
 
-    The caller owns ``fd`` and closes it (as with the kernel); destroying the
-    object does not close it.  Each ``os.read(fd, n)`` returns one or more
-    whole ``[header][event]`` records (the sim returns exactly one per read;
-    read with ``n`` ≥ header + event size).
+    The caller owns ``fd`` and closes it (as with the kernel); the object
+    cannot be destroyed while it is open (EBUSY).  Poll ``fd`` for readiness
+    and read records with :meth:`IommufdBackend.veventq_read`.
     """
 
     id: int
@@ -296,6 +295,14 @@ class IommufdBackend(abc.ABC):
         flags: int = 0,
     ) -> VeventqHandle:
         """``IOMMU_VEVENTQ_ALLOC``: a queue of ``depth`` events and its fd."""
+
+    @abc.abstractmethod
+    def veventq_read(self, fd: int, count: int) -> bytes:
+        """``read(fd, count)`` of a vEVENTQ fd, with the kernel's rules
+        (``iommufd_veventq_fops_read``): as many whole ``[header][event]`` records
+        as fit in ``count``, 0 bytes when the queue is empty (it never blocks);
+        EINVAL if ``count`` is less than a header, or if the first event does
+        not fit.  Raises :class:`IommufdError` (op ``VEVENTQ_READ``)."""
 
     @abc.abstractmethod
     def destroy(self, obj_id: int) -> None:

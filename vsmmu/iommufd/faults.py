@@ -199,6 +199,10 @@ class FaultInjectingBackend(IommufdBackend):
         self._check(BackendOp.VEVENTQ_ALLOC)
         return self.inner.veventq_alloc(viommu_id, depth, type_, flags)
 
+    def veventq_read(self, fd: int, count: int) -> bytes:
+        """Forwarded."""
+        return self.inner.veventq_read(fd, count)
+
     def destroy(self, obj_id: int) -> None:
         """Forwarded (armable)."""
         self._check(BackendOp.DESTROY)

@@ -55,6 +55,8 @@ IoctlFn = Callable[[int, int, uapi.UapiStruct, bool], object]
 """``fcntl.ioctl(fd, request, mutable_buffer, True)``'s shape."""
 
 ioctl: IoctlFn = fcntl.ioctl
+ReadFn = Callable[[int, int], bytes]
+"""``os.read``'s signature: how this backend reads a vEVENTQ fd."""
 """The ioctl function used by default for every request (tests replace it with a recorder)."""
 
 
@@ -80,16 +82,19 @@ class KernelIommufd(IommufdBackend):
     ``fd``: use an already open iommufd (it is then owned by this backend and
     closed by :meth:`close`); otherwise ``path`` is opened read-write.
     ``ioctl_fn`` replaces :func:`fcntl.ioctl` (e.g. to drive the sim's raw
-    ioctl path with exactly the structures this backend builds).
+    ioctl path with exactly the structures this backend builds), and
+    ``read_fn`` replaces :func:`os.read` on the vEVENTQ fds it returns.
     Raises :class:`IommufdError` (op ``OPEN``) if the device cannot be opened.
     """
 
     name = "kernel"
 
     def __init__(
-        self, path: str = DEV_IOMMU, *, fd: int | None = None, ioctl_fn: IoctlFn | None = None
+        self, path: str = DEV_IOMMU, *, fd: int | None = None, ioctl_fn: IoctlFn | None = None,
+        read_fn: ReadFn = os.read,
     ) -> None:
         self._ioctl_fn = ioctl_fn
+        self._read_fn = read_fn
         if fd is None:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -414,6 +419,14 @@ class KernelIommufd(IommufdBackend):
         detail: dict[str, int | str | None] = {"viommu": viommu_id, "depth": depth, "fd": q.fd}
         self._track(TrackedObject(q.id, ObjType.VEVENTQ, (viommu_id,), detail))
         return q
+
+    def veventq_read(self, fd: int, count: int) -> bytes:
+        """``read(2)`` of the vEVENTQ fd: the kernel's own rules."""
+        try:
+            return self._read_fn(fd, count)
+        except OSError as exc:
+            raise IommufdError(exc.errno if exc.errno is not None else errno.EIO, "VEVENTQ_READ",
+                               f"read of {count} bytes from fd {fd}") from None
 
     # --- destroy and the object table ---
 

@@ -1,32 +1,39 @@
-"""The simulated vEVENTQ: a real, non-blocking file descriptor with the kernel's records.
+"""The simulated vEVENTQ: the kernel's queue, behind a real, pollable file descriptor.
 
-The sim hands out one end of an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair.
-Every record is sent as one packet, so a ``read(fd, n)`` with ``n`` at least
-``header + event`` bytes returns exactly one whole ``[header][event]`` record
-(the kernel may return several per read; a reader that parses records in a
-loop until ``EAGAIN`` works with both).  The queue follows
-``iommufd_viommu_report_event``:
+The queue is the kernel's list (``iommufd_viommu_report_event`` and
+``iommufd_vevent_handler``, driver.c and iommufd_private.h):
 
 * at most ``depth`` unread events; an event arriving at a full queue is
-  dropped and a single ``LOST_EVENTS`` header (no payload) is queued instead,
-  until the reader has consumed it;
-* every queued record takes the next sequence number, counting modulo
-  ``INT_MAX + 1``.
+  dropped and the one ``LOST_EVENTS`` header (no payload) is appended instead;
+* every record appended takes the next sequence number, modulo
+  ``INT_MAX + 1`` — a dropped event too, since its LOST_EVENTS header is
+  appended anew;
+* the LOST_EVENTS header is removed whenever it is the last record and
+  another is appended: it is always last, it carries the sequence number of
+  the latest loss, and once room is made and an event arrives, the gap in
+  the sequence numbers is all that tells of the loss.
 
-The unread count is recovered from the reader end's ``FIONREAD`` (for
-``SOCK_SEQPACKET`` the total of all queued packets), so no thread is needed.
+Reads follow ``iommufd_veventq_fops_read`` (eventq.c): fewer bytes than a
+header is EINVAL; an empty queue reads 0 bytes (it never blocks); a read
+returns as many whole records as fit, and EINVAL when not even the first
+event fits.  Those rules belong to the kernel's file and no socket or pipe
+has them, so the records stay here and are read through :meth:`read`
+(``IommufdBackend.veventq_read``).  The fd the user holds is one end of an
+``AF_UNIX``/``SOCK_SEQPACKET`` pair on which the sim keeps one byte queued
+exactly while the list is not empty: it polls readable when the kernel's does
+(``iommufd_eventq_fops_poll``), and the sim sees when the user closes it (the
+kernel's DESTROY refuses while it is open).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import fcntl
+import errno
 import logging
+import os
 import select
 import socket
-import struct
-import termios
 
 from construct import Bytes, ConstructError, If, Int32ul, Struct, this
 
@@ -83,58 +90,72 @@ class SimVeventQueue:
     def __init__(self, depth: int) -> None:
         self.depth = depth
         self.sequence = 0
+        self.num_events = 0
+        """Unread events (the LOST_EVENTS header excluded): ``veventq->num_events``."""
+        self.delivered = 0
+        self.lost = 0
+        # The kernel's deliver list: (flags, sequence, event); event None for LOST_EVENTS.
+        self._list: collections.deque[tuple[int, int, bytes | None]] = collections.deque()
         self._writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._writer.setblocking(False)
         reader.setblocking(False)
         self.reader_fd = reader.detach()
-        # Sizes of records written and not yet known to be read, oldest first,
-        # with a flag telling whether each is a LOST_EVENTS header.
-        self._unread: collections.deque[tuple[int, bool]] = collections.deque()
-        self._unread_bytes = 0
-        self.delivered = 0
-        self.lost = 0
-
-    def _reconcile(self) -> None:
-        """Drop from ``_unread`` the records the reader has consumed."""
-        try:
-            buf = fcntl.ioctl(self.reader_fd, termios.FIONREAD, b"\0\0\0\0")
-            pending = struct.unpack("i", buf)[0]
-        except OSError:
-            # The reader closed its end: nothing is pending any more.
-            pending = 0
-        while self._unread and self._unread_bytes > pending:
-            size, _ = self._unread.popleft()
-            self._unread_bytes -= size
-
-    @property
-    def num_events(self) -> int:
-        """Unread real events (LOST_EVENTS headers excluded)."""
-        self._reconcile()
-        return sum(1 for _, lost in self._unread if not lost)
-
-    def _lost_pending(self) -> bool:
-        return any(lost for _, lost in self._unread)
-
-    def _send(self, flags: int, payload: bytes, lost: bool) -> bool:
-        record = vevent_record(flags, self.sequence, payload if not lost else None)
-        try:
-            self._writer.send(record)
-        except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError) as exc:
-            log.warning("vEVENTQ: record seq %d not queued: %s", self.sequence, exc)
-            return False
-        self.sequence = (self.sequence + 1) & uapi.VEVENTQ_SEQUENCE_MASK
-        self._unread.append((len(record), lost))
-        self._unread_bytes += len(record)
-        return True
 
     def report(self, event: bytes) -> None:
         """Queue one event record (the ``iommu_vevent_arm_smmuv3`` bytes)."""
-        if self.num_events >= self.depth or not self._send(0, event, False):
+        if self.num_events == self.depth:
             self.lost += 1
-            if not self._lost_pending():
-                self._send(uapi.VeventqFlag.LOST_EVENTS, b"", True)
+            self._append(uapi.VeventqFlag.LOST_EVENTS, None)
             return
+        self.num_events += 1
         self.delivered += 1
+        self._append(0, event)
+
+    def _append(self, flags: int, event: bytes | None) -> None:
+        """``iommufd_vevent_handler``: the LOST_EVENTS header leaves when it is last."""
+        was_empty = not self._list
+        if self._list and self._list[-1][2] is None:
+            self._list.pop()
+        self._list.append((flags, self.sequence, event))
+        self.sequence = (self.sequence + 1) & uapi.VEVENTQ_SEQUENCE_MASK
+        if was_empty:
+            self._ring(True)
+
+    def read(self, count: int) -> bytes:
+        """``read(reader_fd, count)`` with the kernel's rules; raises OSError with its errno."""
+        if self._writer.fileno() < 0:
+            raise OSError(errno.EBADF, "vEVENTQ: the sim closed this queue")
+        if count < VEVENT_HEADER.sizeof():
+            raise OSError(errno.EINVAL, f"vEVENTQ read of {count} bytes: less than a header")
+        records: list[bytes] = []
+        done = 0
+        while self._list:
+            flags, sequence, event = self._list[0]
+            size = VEVENT_HEADER.sizeof() + (len(event) if event is not None else 0)
+            if size > count - done:
+                if done == 0 and event is not None:
+                    raise OSError(errno.EINVAL, f"vEVENTQ read of {count} bytes: less than "
+                                                f"the first event's {size}")
+                break
+            self._list.popleft()
+            if event is not None:
+                self.num_events -= 1
+            records.append(vevent_record(flags, sequence, event))
+            done += size
+        if not self._list:
+            self._ring(False)
+        return b"".join(records)
+
+    def _ring(self, pending: bool) -> None:
+        """Keep one byte on the reader's socket exactly while records are pending."""
+        try:
+            if pending:
+                self._writer.send(b"\0")
+            else:
+                os.read(self.reader_fd, 1)
+        except OSError as exc:
+            # The reader closed its fd, or read the byte itself: readiness is all it carries.
+            log.debug("vEVENTQ doorbell (%s): %s", "ring" if pending else "clear", exc)
 
     def reader_open(self) -> bool:
         """True while the reader's fd is open (the kernel counts it as a user of the queue)."""
@@ -143,5 +164,5 @@ class SimVeventQueue:
         return not any(mask & (select.POLLHUP | select.POLLERR) for _, mask in poller.poll(0))
 
     def close(self) -> None:
-        """Close the sim's end; the reader sees EOF once it has drained the queue."""
+        """Close the sim's end (the backend is closing or the object is destroyed)."""
         self._writer.close()

@@ -538,15 +538,14 @@ class NestingTranslator(RoutedTransactions):
         count = 0
         while True:
             try:
-                data = os.read(fd, _VEVENTQ_READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                logger.error("vEVENTQ fd %d read failed: %s", fd, exc)
-                break
-            if not data:
+                data = self.backend.veventq_read(fd, _VEVENTQ_READ_SIZE)
+            except IommufdError as exc:
+                # A queue that cannot be read would wake the loop forever.
+                logger.error("vEVENTQ fd %d read failed, no longer watched: %s", fd, exc)
                 if self.loop is not None:
                     self.loop.remove_reader(fd)
+                break
+            if not data:  # drained: the kernel's read of an empty queue returns 0 bytes
                 break
             count += self._parse_records(data)
         return count

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +15,8 @@ from vsmmu.arch.ste import STE, SteConfig
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import DmaFault, HostMapping
 from vsmmu.iommufd.sim import SimIommufd
+
+HEADER = uapi.VEVENT_HEADER_SIZE
 
 RAM_IPA = 0x4000_0000
 RAM_SIZE = 8 << 20
@@ -68,12 +68,9 @@ class Guest:
 
     def events(self) -> list[tuple[int, Event]]:
         out: list[tuple[int, Event]] = []
-        while True:
-            try:
-                rec = os.read(self.q.fd, 4096)
-            except BlockingIOError:
-                return out
-            out.append((int.from_bytes(rec[:4], "little"), decode_event(rec[8:])))
+        while rec := self.sim.veventq_read(self.q.fd, HEADER + uapi.VEVENT_ARM_SMMUV3_SIZE):
+            out.append((int.from_bytes(rec[:4], "little"), decode_event(rec[HEADER:])))
+        return out
 
     def tlbi(self, opcode: int, **fields: int) -> None:
         w0, w1 = CMD.OPCODE.put(0, opcode), 0

@@ -473,6 +473,17 @@ class SimIommufd(IoctlTarget):
         viommu.veventq = q
         return VeventqHandle(q.id, q.queue.reader_fd)
 
+    def veventq_read(self, fd: int, count: int) -> bytes:
+        """The kernel's read of a vEVENTQ fd (:meth:`SimVeventQueue.read`)."""
+        queue = next((o.queue for o in self._objects.values()
+                      if isinstance(o, SimVeventq) and o.queue.reader_fd == fd), None)
+        if queue is None:
+            raise _err(errno.EBADF, "VEVENTQ_READ", f"fd {fd}: no vEVENTQ of this sim")
+        try:
+            return queue.read(count)
+        except OSError as exc:
+            raise _err(exc.errno or errno.EIO, "VEVENTQ_READ", exc.strerror or str(exc)) from None
+
     def report_event(self, viommu: SimViommu, event: bytes) -> bool:
         """Deliver one event record to the vIOMMU's vEVENTQ; False if it has none."""
         q = viommu.veventq
