@@ -26,6 +26,7 @@ EXPECTED = (
     "test_host_refused_vste_is_reported_per_the_cbadste_event_policy",
     "test_host_refused_vste_is_cerror_ill_with_the_qemu_accel_policy",
     "test_refused_invalidation_is_cerror_ill_at_its_index",
+    "test_commands_before_a_refused_one_have_taken_effect",
     "test_disable_reset_and_disconnect_leave_no_guest_object",
 )
 

@@ -294,6 +294,30 @@ def test_refused_invalidation_is_cerror_ill_at_its_index(world: World) -> None:
     assert (cerror["data"]["error"], cerror["data"]["index"]) == ("ILL", first + 1)
 
 
+def test_commands_before_a_refused_one_have_taken_effect(world: World) -> None:
+    # IHI 0070 §7.1 (CERROR_ILL): the commands before CMDQ_CONS have been consumed. The
+    # kernel (arm_vsmmu_cache_invalidate) issues the commands it converted in blocks of 63
+    # and reports entry_num = index of the refused one even when the block holding that
+    # prefix was never issued; the TLBI before the bad command must still take effect.
+    vmm = world.vmm()
+    driver = enable(vmm)
+    install_stage1(vmm)
+    assert dma(world, vmm) == Result.OK  # the translation is now cached
+    unmap_page(vmm, IOVA)
+    start = driver.cmdq_prod
+    driver.issue(encode_command(CmdOpcode.TLBI_NH_VA, asid=ASID, address=IOVA, leaf=1),
+                 encode_command(CmdOpcode.CFGI_CD, sid=OTHER_SID, leaf=1))
+    assert driver.cmdq_cons_error() == CError.ILL
+    assert driver.cmdq_index_of(driver.cmdq_cons_pointer()) == driver.cmdq_index_of(start) + 1
+    # As Linux does: the bad command becomes a CMD_SYNC, GERROR acknowledged, the queue runs.
+    driver.replace_command(driver.cmdq_cons_pointer(), encode_command(CmdOpcode.SYNC))
+    driver.acknowledge_gerror()
+    assert driver.cmdq_cons_pointer() == driver.cmdq_prod
+
+    assert dma(world, vmm) == Result.TX_FAIL, vmm.report("the TLBI before the refused "
+                                                          "command left a stale translation")
+
+
 def test_disable_reset_and_disconnect_leave_no_guest_object(world: World) -> None:
     vmm = world.vmm()
     enable(vmm)

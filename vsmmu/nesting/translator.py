@@ -257,13 +257,24 @@ class NestingTranslator(RoutedTransactions):
         if guest is None or guest.viommu is None:
             return len(batch)
         self.invalidations += 1
+        entries = [(c.dw0, c.dw1) for c in batch]
         try:
-            return self.backend.hwpt_invalidate(guest.viommu, [(c.dw0, c.dw1) for c in batch])
+            return self.backend.hwpt_invalidate(guest.viommu, entries)
         except IommufdError as exc:
             handled = min(max(exc.handled, 0), len(batch))
             logger.warning("guest command %s refused by the host (%s): CERROR_ILL",
                            batch[handled] if handled < len(batch) else "?", exc)
-            return handled
+        if handled:
+            # The guest will see every command before the refused one as consumed (IHI 0070
+            # §7.1), but the kernel's entry_num does not promise they ran:
+            # arm_vsmmu_cache_invalidate drops the partly filled block of converted entries
+            # that held them.  Invalidation is idempotent, so they run again.
+            try:
+                self.backend.hwpt_invalidate(guest.viommu, entries[:handled])
+            except IommufdError as exc:
+                logger.error("guest commands before the refused one, issued again, refused "
+                             "by the host (%s): the host may hold stale translations", exc)
+        return handled
 
     def sync(self) -> None:
         """Nothing to wait for: iommufd invalidation is synchronous."""
