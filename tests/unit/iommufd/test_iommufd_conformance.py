@@ -12,21 +12,32 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
+from vsmmu.arch.cd import Cd, Tg0
 from vsmmu.arch.commands import CMD, CmdOpcode
+from vsmmu.arch.events import EventId, decode_event
 from vsmmu.arch.ste import STE, Eats, SteConfig
-from vsmmu.iommufd import uapi
-from vsmmu.iommufd.backend import HostMapping, IommufdBackend, IommufdError, ObjType
+from vsmmu.endpoints import iommu_testdev as testdev
+from vsmmu.iommufd import uapi, uapi_vfio
+from vsmmu.iommufd.backend import DmaFault, HostMapping, IommufdBackend, IommufdError, ObjType
 from vsmmu.iommufd.kernel import DEV_IOMMU, KernelIommufd
 from vsmmu.iommufd.sim import QEMU_SMMUV3, HostPersonality, SimIommufd
+from vsmmu.iommufd.vfio import VfioDevice
+from vsmmu.vfio_user import uapi as pci
 
 PAGE = 4096
+DMA_BYTES = 4
+"""One aligned 4-byte write: one transaction, so one fault and one event."""
+KERNEL_EVENT_SETTLE = 1.0
+"""Seconds for L1's SMMU event IRQ thread to queue the faults just raised (generous)."""
 CDEVS_VAR = "VSMMU_VFIO_CDEVS"
 LANE_VAR = "VSMMU_HOST_LANE"
 IN_LANE = os.environ.get(LANE_VAR) == "1"
@@ -64,8 +75,12 @@ class Env:
     be: IommufdBackend
     new_device: Callable[[int], int]
     raw: Callable[[int, bytearray], None]
+    dma: Callable[[int, int], bool]
+    """The device writes 4 bytes at an IOVA through its SMMU; False when refused."""
     closers: list[Callable[[], None]] = field(default_factory=list)
     kind: str = ""
+    settle: Callable[[], None] = lambda: None
+    """Wait until faults have reached the vEVENTQ (the kernel's arrive through an IRQ thread)."""
 
     def close(self) -> None:
         self.be.close()
@@ -104,12 +119,56 @@ class SimBehindIoctls:
         return 0
 
 
+def sim_dma(sim: SimIommufd) -> Callable[[int, int], bool]:
+    """The sim's physical SMMU translating a 4-byte write of device ``dev``."""
+    def dma(dev: int, iova: int) -> bool:
+        try:
+            sim.dma_write(dev, iova, bytes(DMA_BYTES))
+        except DmaFault:
+            return False
+        return True
+    return dma
+
+
+class IommuTestdevRegs:
+    """QEMU's ``iommu-testdev`` in L1 through its VFIO cdev: one DMA write per trigger."""
+
+    def __init__(self, device: VfioDevice) -> None:
+        self.device = device
+        config = device.region(uapi_vfio.PciRegionIndex.CONFIG)
+        command = int.from_bytes(device.read(config, pci.PCI_COMMAND, 2), "little")
+        # Without bus mastering the DMA never reaches the SMMU.
+        command |= pci.PCI_COMMAND_MEMORY | pci.PCI_COMMAND_MASTER
+        device.write(config, pci.PCI_COMMAND, command.to_bytes(2, "little"))
+        self.bar = device.region(uapi_vfio.PciRegionIndex.BAR0)
+
+    def write(self, register: testdev.Register, value: int) -> None:
+        self.device.write(self.bar, register, value.to_bytes(testdev.REGISTER_BYTES, "little"))
+
+    def read(self, register: testdev.Register) -> int:
+        return int.from_bytes(self.device.read(self.bar, register, testdev.REGISTER_BYTES),
+                              "little")
+
+    def dma(self, iova: int) -> int:
+        """Arm and trigger a DMA_BYTES write at ``iova``; RESULT."""
+        half = 8 * testdev.REGISTER_BYTES
+        low = (1 << half) - 1
+        for register, value in ((testdev.Register.GVA_LO, iova & low),
+                                (testdev.Register.GVA_HI, iova >> half),
+                                (testdev.Register.LEN, DMA_BYTES),
+                                (testdev.Register.GPA_LO, 0), (testdev.Register.GPA_HI, 0),
+                                (testdev.Register.DBELL, testdev.DBELL_ARM)):
+            self.write(register, value)
+        self.read(testdev.Register.TRIGGER)
+        return self.read(testdev.Register.RESULT)
+
+
 def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
     # The sim plays the host the kernel cases run on: QEMU's SMMUv3 in the lane.
     personality = personality or QEMU_SMMUV3
     if kind == "sim":
         sim = SimIommufd(personality)
-        return Env(sim, lambda sid: sim.create_mock_device(sid), sim.ioctl)
+        return Env(sim, lambda sid: sim.create_mock_device(sid), sim.ioctl, sim_dma(sim))
     if kind == "sim-ioctl":
         # The whole suite through the raw path: KernelIommufd's structures into SimIommufd.ioctl.
         router = SimBehindIoctls(SimIommufd(personality))
@@ -120,25 +179,32 @@ def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
             router.next_sid = sid
             return via.bind_vfio_cdev(os.devnull)
 
-        return Env(via, bind, router.sim.ioctl, [router.sim.close])
+        return Env(via, bind, router.sim.ioctl, sim_dma(router.sim), [router.sim.close])
     reason = kernel_skip_reason()
     if reason is not None:
         # Only the lane collects the kernel backend, and there this is a broken lane.
         pytest.fail(f"host lane without a usable kernel backend: {reason}")
     kern = KernelIommufd()
     cdevs = [c for c in os.environ[CDEVS_VAR].split(",") if c]
+    devices: dict[int, VfioDevice] = {}
 
     def new_device(sid: int) -> int:
         # The physical StreamID is the hardware's; ``sid`` only matters to the sim.
         del sid
         if not cdevs:
             pytest.fail(f"${CDEVS_VAR}: this case needs more cdevs than the lane bound")
-        return kern.bind_vfio_cdev(cdevs.pop(0))
+        cdev = cdevs.pop(0)
+        dev = kern.bind_vfio_cdev(cdev)
+        devices[dev] = VfioDevice(kern.cdev_fd(dev), cdev)
+        return dev
 
     def raw(request: int, buf: bytearray) -> None:
         fcntl.ioctl(kern.fd, request, buf, True)
 
-    return Env(kern, new_device, raw)
+    def dma(dev: int, iova: int) -> bool:
+        return IommuTestdevRegs(devices[dev]).dma(iova) == testdev.Result.OK
+
+    return Env(kern, new_device, raw, dma, settle=lambda: time.sleep(KERNEL_EVENT_SETTLE))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -1291,6 +1357,116 @@ def test_destroy_veventq_while_its_fd_is_open_is_ebusy(env: Env) -> None:
     os.close(q.fd)
     env.be.destroy(q.id)
     env.be.destroy(n.viommu)
+
+
+# --- the vEVENTQ fed by real faults: the device DMAs through a stage 1 with nothing mapped ---
+
+FAULT_IPA = 0x4000_0000
+"""Where the CD (and, a page up, its empty level-0 table) sits in the IOAS."""
+FAULT_IOVA = 0x1234_5000
+FAULT_VSID = 0x21
+HEADER = uapi.VEVENT_HEADER_SIZE
+RECORD = HEADER + uapi.VEVENT_ARM_SMMUV3_SIZE
+LOST = uapi.VeventqFlag.LOST_EVENTS
+
+
+@dataclass
+class Faulting:
+    """A device attached to a nested HWPT whose stage 1 maps nothing, and its vEVENTQ."""
+
+    dev: int
+    queue: int
+    fd: int
+    memory: mmap.mmap
+
+
+def faulting(env: Env, depth: int) -> Faulting:
+    n = nest(env)
+    memory = mmap.mmap(-1, 2 * PAGE)
+    # A 48-bit, 4 KiB-granule CD whose faults are recorded (R=1), with an all-invalid table.
+    cd = Cd(v=1, aa64=1, t0sz=16, tg0=Tg0.GRANULE_4K, epd1=1, ips=5, affd=1, r=1, a=1, aset=1,
+            asid=1, ttb0=FAULT_IPA + PAGE).encode()
+    memory[:len(cd)] = cd
+    env.be.ioas_map(n.ioas, HostMapping(memory), iova=FAULT_IPA)
+    env.be.vdevice_alloc(n.viommu, n.dev, FAULT_VSID)
+    q = env.be.veventq_alloc(n.viommu, depth)
+    env.be.device_attach(n.dev, env.be.hwpt_alloc(n.dev, n.viommu, data=vste(ptr=FAULT_IPA)))
+    return Faulting(n.dev, q.id, q.fd, memory)
+
+
+def fault(env: Env, f: Faulting, times: int = 1) -> None:
+    for index in range(times):
+        assert not env.dma(f.dev, FAULT_IOVA + index * PAGE), "the DMA was not refused"
+    env.settle()
+
+
+def records(data: bytes) -> list[tuple[int, int, int | None]]:
+    """(flags, sequence, input address) of each record, walked by the uapi's sizes."""
+    out: list[tuple[int, int, int | None]] = []
+    offset = 0
+    while offset < len(data):
+        header = uapi.IommufdVeventHeader.from_buffer_copy(data, offset)
+        offset += HEADER
+        address = None
+        if not header.flags & LOST:
+            event = decode_event(data[offset:offset + uapi.VEVENT_ARM_SMMUV3_SIZE])
+            assert (event.event_id, event.sid) == (EventId.F_TRANSLATION, FAULT_VSID), event
+            address = event.fields["input_addr"]
+            offset += uapi.VEVENT_ARM_SMMUV3_SIZE
+        out.append((header.flags, header.sequence, address))
+    assert offset == len(data)
+    return out
+
+
+def iova(index: int) -> int:
+    return FAULT_IOVA + index * PAGE
+
+
+def test_veventq_one_read_returns_every_fault_with_the_virtual_sid(env: Env) -> None:
+    """DI/eventq.c:327 loops while records fit; arm-smmu-v3-iommufd.c arm_vmaster_report_event
+    puts the vSID in the event."""
+    f = faulting(env, 4)
+    fault(env, f, 3)
+    assert records(env.be.veventq_read(f.fd, 4096)) == [(0, 0, iova(0)), (0, 1, iova(1)),
+                                                        (0, 2, iova(2))]
+    assert env.be.veventq_read(f.fd, 4096) == b""
+
+
+def test_veventq_read_stops_at_the_last_whole_record_that_fits(env: Env) -> None:
+    """DI/eventq.c:344: a record that does not fit after others stays queued."""
+    f = faulting(env, 4)
+    fault(env, f, 2)
+    assert records(env.be.veventq_read(f.fd, RECORD + HEADER)) == [(0, 0, iova(0))]
+    assert records(env.be.veventq_read(f.fd, 4096)) == [(0, 1, iova(1))]
+
+
+def test_veventq_read_too_short_for_the_first_event_is_einval_and_keeps_it(env: Env) -> None:
+    """DI/eventq.c:344-349: restored, and -EINVAL as nothing was copied."""
+    f = faulting(env, 4)
+    fault(env, f)
+    expect(errno.EINVAL, lambda: env.be.veventq_read(f.fd, RECORD - 1))
+    assert records(env.be.veventq_read(f.fd, RECORD)) == [(0, 0, iova(0))]
+
+
+def test_veventq_overflow_numbers_every_lost_event(env: Env) -> None:
+    """DI/driver.c:162 drops an event at a full queue; iommufd_vevent_handler re-appends the
+    one LOST_EVENTS header with the next sequence number each time."""
+    f = faulting(env, 2)
+    fault(env, f, 5)
+    assert records(env.be.veventq_read(f.fd, 4096)) == [(0, 0, iova(0)), (0, 1, iova(1)),
+                                                        (LOST, 4, None)]
+    fault(env, f)  # drained: the next fault is queued, its number after the losses
+    assert records(env.be.veventq_read(f.fd, 4096)) == [(0, 5, iova(0))]
+
+
+def test_veventq_event_after_room_replaces_the_unread_lost_header(env: Env) -> None:
+    """iommufd_vevent_handler (DI/iommufd_private.h) deletes the LOST_EVENTS header when it is
+    last and another record arrives: the gap in sequence numbers tells of the loss."""
+    f = faulting(env, 2)
+    fault(env, f, 3)
+    assert records(env.be.veventq_read(f.fd, RECORD)) == [(0, 0, iova(0))]
+    fault(env, f)
+    assert records(env.be.veventq_read(f.fd, 4096)) == [(0, 1, iova(1)), (0, 3, iova(0))]
 
 
 # --- GET_HW_INFO: flags, reserved and the written-back data_len ---
