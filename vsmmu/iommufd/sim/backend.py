@@ -44,8 +44,8 @@ from vsmmu.iommufd.backend import (
 )
 from vsmmu.iommufd.sim.host import HostPersonality, validate_vste
 from vsmmu.iommufd.sim.invalidate import (
+    UserCommandCheck,
     copy_entries,
-    first_refused,
     invalidation_target,
     lay_out_entries,
 )
@@ -86,11 +86,17 @@ class SimIommufd(IoctlTarget):
     name = "sim"
 
     def __init__(self, personality: HostPersonality | None = None) -> None:
-        self.personality = personality or HostPersonality()
+        self._personality = personality or HostPersonality()
+        self._command_check = UserCommandCheck(self._personality)
         self._objects: dict[int, SimObject] = {}
         self._next_vmid = 1
         self.smmu = PhysicalSmmu(self.report_event)
         """The physical SMMU's translation machinery (IOTLB, config cache, walker)."""
+
+    @property
+    def personality(self) -> HostPersonality:
+        """What the simulated host supports (fixed: the invalidation check is built from it)."""
+        return self._personality
 
     # --- object table ---
 
@@ -423,13 +429,19 @@ class SimIommufd(IoctlTarget):
         (truncated or zero-padded) for the raw ioctl's core.
         """
         op = "HWPT_INVALIDATE"
-        check_invalidation_words(entries, op)
-        if entry_len == uapi.ARM_INVALIDATE_ENTRY_SIZE:
-            viommu = invalidation_target(self._objects.get(id_), id_, len(entries), data_type,
-                                         entry_len)
-            return self._invalidate_checked(viommu, entries, op)
-        array = lay_out_entries(entries, entry_len)
-        return self.invalidate_array(id_, array, len(entries), data_type, entry_len)
+        if entry_len != uapi.ARM_INVALIDATE_ENTRY_SIZE:
+            check_invalidation_words(entries, op)
+            array = lay_out_entries(entries, entry_len)
+            return self.invalidate_array(id_, array, len(entries), data_type, entry_len)
+        refused = self._command_check.first_refused(entries)
+        if refused is not None:
+            # Every word of an entry the check takes is within its opcode's allowed
+            # bits, so unsigned 64-bit: only a batch with a refused entry can hold a
+            # word no user array could (EINVAL, before anything else).
+            check_invalidation_words(entries, op)
+        viommu = invalidation_target(self._objects.get(id_), id_, len(entries), data_type,
+                                     entry_len)
+        return self._invalidate_up_to(viommu, entries, refused, op)
 
     def invalidate_array(
         self, id_: int, array: bytes, entry_num: int, data_type: int, entry_len: int
@@ -437,18 +449,18 @@ class SimIommufd(IoctlTarget):
         """The invalidation core of the typed method and the raw ioctl (``entry_len`` each)."""
         op = "HWPT_INVALIDATE"
         viommu = invalidation_target(self._objects.get(id_), id_, entry_num, data_type, entry_len)
-        return self._invalidate_checked(viommu, copy_entries(array, entry_num, entry_len), op)
+        entries = copy_entries(array, entry_num, entry_len)
+        return self._invalidate_up_to(viommu, entries, self._command_check.first_refused(entries),
+                                      op)
 
-    def _invalidate_checked(self, viommu: SimViommu, entries: Sequence[InvalidationCommand],
-                            op: str) -> int:
-        """Run ``entries`` up to the first one the host's command check refuses (EIO there)."""
-        refused = first_refused(entries, self.personality, op)
+    def _invalidate_up_to(self, viommu: SimViommu, entries: Sequence[InvalidationCommand],
+                          refused: int | None, op: str) -> int:
+        """Run ``entries`` up to the first one the host refuses (``refused``; EIO there)."""
         if refused is None:
             return self.smmu.invalidate_batch(viommu, entries, op)
-        index, exc = refused
-        self.smmu.invalidate_batch(viommu, entries[:index], op)
-        exc.handled = index
-        raise exc
+        self.smmu.invalidate_batch(viommu, entries[:refused], op)
+        w0, w1 = entries[refused]
+        raise self._command_check.refusal(w0, w1, op, handled=refused)
 
     # --- vEVENTQ ---
 

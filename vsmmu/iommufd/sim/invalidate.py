@@ -1,11 +1,11 @@
 """``IOMMU_HWPT_INVALIDATE`` before the physical SMMU sees it: the kernel's header
-checks (``iommufd_hwpt_invalidate``) and its copy of the user's entry array."""
+checks (``iommufd_hwpt_invalidate``), its copy of the user's entry array and its
+check of each command (``arm_vsmmu_validate_user_cmd``, :class:`UserCommandCheck`)."""
 
 from __future__ import annotations
 
 import errno
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vsmmu.arch.commands import CMD, CmdOpcode
 from vsmmu.arch.fields import Field
@@ -94,15 +94,20 @@ def _mask(*fields: Field) -> int:
 
 
 _RANGED = (CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA)
+_OPCODE = CMD.OPCODE.inplace_mask
+_NUM_SCALE = _mask(CMD.NUM, CMD.SCALE)
+_TG_TTL = _mask(CMD.TG, CMD.TTL)
 
 
-@functools.lru_cache(maxsize=256)
+def _range_checked(opcode: int, host: HostPersonality) -> bool:
+    """Whether ``arm_vsmmu_validate_range`` runs for ``opcode`` (a TLBI by VA on a RIL host)."""
+    return opcode in _RANGED and host.range_invalidation
+
+
 def _allowed_bits(opcode: int, host: HostPersonality) -> tuple[int, int] | None:
     """The bits of (word 0, word 1) a guest may set in ``opcode`` on ``host``.
 
-    None for an opcode refused whole.  It depends on the opcode and the host
-    only, so it is computed once per pair, not per command (the invalidation
-    batch is a hot path).
+    None for an opcode refused whole.
     """
     allowed0, allowed1 = CMD.OPCODE.inplace_mask, 0
     asid = CMD.ASID.put(0, (1 << host.asid_bits) - 1)
@@ -110,8 +115,8 @@ def _allowed_bits(opcode: int, host: HostPersonality) -> tuple[int, int] | None:
         if opcode == CmdOpcode.TLBI_NH_VA:
             allowed0 |= asid
         if host.range_invalidation:
-            allowed0 |= _mask(CMD.NUM, CMD.SCALE)
-            allowed1 |= _mask(CMD.TG, CMD.TTL)
+            allowed0 |= _NUM_SCALE
+            allowed1 |= _TG_TTL
         allowed0 |= CMD.VMID.inplace_mask
         allowed1 |= _mask(CMD.LEAF, CMD.VA)
     elif opcode in (CmdOpcode.TLBI_NH_ASID, CmdOpcode.TLBI_NH_ALL):
@@ -133,38 +138,106 @@ def _allowed_bits(opcode: int, host: HostPersonality) -> tuple[int, int] | None:
     return allowed0, allowed1
 
 
-def validate_user_cmd(w0: int, w1: int, host: HostPersonality, op: str = _OP) -> None:
-    """``arm_vsmmu_validate_user_cmd``: EIO for a field the opcode does not allow on this host.
+def _atc_size_reserved(_w0: int, w1: int) -> bool:
+    return CMD.ATC_SIZE.get(w1) > uapi.ATC_INV_SIZE_ALL
+
+
+def _range_missing(w0: int, _w1: int) -> bool:
+    return not w0 & _NUM_SCALE
+
+
+_Rule = tuple[int, int, Callable[[int, int], bool] | None]
+"""(word 0 bits refused, word 1 bits refused, the encodings no mask can express: refused
+when it returns True)."""
+
+
+def _rule(opcode: int, tg_ttl: int, allowed: tuple[int, int],
+          host: HostPersonality) -> _Rule | None:
+    """The check of ``opcode`` commands whose TG/TTL bits are ``tg_ttl``; None: all refused.
+
+    A range check's outcome depends on TG, TTL and whether NUM/SCALE are zero:
+    with TG/TTL fixed, it is either always met, or met only without a range
+    (NUM/SCALE refused like any other bit), or only with one, or never.
+    """
+    refused0, refused1 = ~allowed[0], ~allowed[1]
+    if opcode == CmdOpcode.ATC_INV:
+        return refused0, refused1, _atc_size_reserved
+    if not _range_checked(opcode, host):
+        return refused0, refused1, None
+    single_ok = _range_ok(opcode, tg_ttl, host)
+    ranged_ok = _range_ok(opcode | CMD.NUM.place(1), tg_ttl, host)
+    if single_ok and ranged_ok:
+        return refused0, refused1, None
+    if single_ok:
+        return refused0 | _NUM_SCALE, refused1, None
+    if ranged_ok:
+        return refused0, refused1, _range_missing
+    return None
+
+
+class UserCommandCheck:
+    """``arm_vsmmu_validate_user_cmd`` of one host, compiled into a table.
 
     Each opcode has its set of fields a guest may set (which depends on the
     host SMMU's ASID and SubstreamID widths, range invalidation, DS and ATS);
     any other bit (a RES0 bit, SSEC...) would raise CERROR_ILL on the shared
-    queue, so the kernel refuses the command before it gets there.
+    queue, so the kernel refuses the command (EIO) before it gets there.
+
+    The invalidation batch is a hot path, so what the kernel decides per
+    command from the opcode and the range fields is decided once per host:
+    the table is keyed by the opcode (word 0) together with TG and TTL (word
+    1, bit positions the opcode does not use), and a command passes when it
+    has a rule, sets no refused bit and no rule test refuses it.  A refused
+    command's error names the first of the kernel's checks it fails.
     """
-    opcode = CMD.OPCODE.get(w0)
-    allowed = _allowed_bits(opcode, host)
-    if allowed is None:
-        if opcode == CmdOpcode.ATC_INV:
-            raise _err(errno.EIO, op, "ATC_INV: the host SMMU has no ATS")
-        raise _err(errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation")
-    if opcode in _RANGED and host.range_invalidation and not _range_ok(w0, w1, host):
-        raise _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: reserved range encoding "
-                                  f"{w0:#018x} {w1:#018x}")
-    if opcode == CmdOpcode.ATC_INV and CMD.ATC_SIZE.get(w1) > uapi.ATC_INV_SIZE_ALL:
-        raise _err(errno.EIO, op, f"ATC_INV size {CMD.ATC_SIZE.get(w1)}: above "
-                                  f"{uapi.ATC_INV_SIZE_ALL}")
-    allowed0, allowed1 = allowed
-    if w0 & ~allowed0 or w1 & ~allowed1:
-        raise _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: bits {w0 & ~allowed0:#018x} "
-                                  f"{w1 & ~allowed1:#018x} not allowed for this opcode")
 
+    def __init__(self, host: HostPersonality) -> None:
+        self.host = host
+        tg_ttls = [CMD.TG.place(tg) | CMD.TTL.place(ttl)
+                   for tg in range(CMD.TG.mask + 1) for ttl in range(CMD.TTL.mask + 1)]
+        self._rules: dict[int, _Rule] = {}
+        for opcode in range(CMD.OPCODE.mask + 1):
+            allowed = _allowed_bits(opcode, host)
+            if allowed is None:
+                continue
+            for tg_ttl in tg_ttls:
+                rule = _rule(opcode, tg_ttl, allowed, host)
+                if rule is not None:
+                    self._rules[opcode | tg_ttl] = rule
 
-def first_refused(entries: Sequence[InvalidationCommand], host: HostPersonality,
-                  op: str = _OP) -> tuple[int, IommufdError] | None:
-    """The index of the first entry :func:`validate_user_cmd` refuses, and why."""
-    for index, (w0, w1) in enumerate(entries):
-        try:
-            validate_user_cmd(w0, w1, host, op)
-        except IommufdError as exc:
-            return index, exc
-    return None
+    def first_refused(self, entries: Sequence[InvalidationCommand]) -> int | None:
+        """The index of the first entry the kernel refuses, or None when it takes them all.
+
+        An entry taken sets only bits its opcode allows, so its words are
+        unsigned 64-bit values.
+        """
+        rules = self._rules
+        for index, (w0, w1) in enumerate(entries):
+            try:
+                refused0, refused1, test = rules[w0 & _OPCODE | w1 & _TG_TTL]
+            except KeyError:
+                return index  # the opcode, or its TG/TTL, refused whole
+            if w0 & refused0 or w1 & refused1 or (test is not None and test(w0, w1)):
+                return index
+        return None
+
+    def refusal(self, w0: int, w1: int, op: str = _OP, handled: int = 0) -> IommufdError:
+        """The EIO for a command :meth:`first_refused` refuses: the first check it fails,
+        in the kernel's order (opcode, range fields, ATC size, then any other bit)."""
+        host = self.host
+        opcode = CMD.OPCODE.get(w0)
+        allowed = _allowed_bits(opcode, host)
+        if allowed is None:
+            if opcode == CmdOpcode.ATC_INV:
+                return _err(errno.EIO, op, "ATC_INV: the host SMMU has no ATS", handled)
+            return _err(errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed "
+                                       "invalidation", handled)
+        if _range_checked(opcode, host) and not _range_ok(w0, w1, host):
+            return _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: reserved range encoding "
+                                       f"{w0:#018x} {w1:#018x}", handled)
+        if opcode == CmdOpcode.ATC_INV and _atc_size_reserved(w0, w1):
+            return _err(errno.EIO, op, f"ATC_INV size {CMD.ATC_SIZE.get(w1)}: above "
+                                       f"{uapi.ATC_INV_SIZE_ALL}", handled)
+        allowed0, allowed1 = allowed
+        return _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: bits {w0 & ~allowed0:#018x} "
+                                   f"{w1 & ~allowed1:#018x} not allowed for this opcode", handled)

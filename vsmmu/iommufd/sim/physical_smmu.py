@@ -211,25 +211,41 @@ class PhysicalSmmu:
     def invalidate_batch(
         self, viommu: SimViommu, entries: Sequence[tuple[int, int]], op: str
     ) -> int:
-        """Execute ``entries`` in order; return how many (all of them).
+        """Convert each command as arm_vsmmu_convert_user_cmd and execute it, in order;
+        return how many (all of them).
 
         Raises IommufdError with ``handled`` = the index of the first command
         refused; the commands before it have taken effect, as in the kernel.
         """
-        handled = 0
-        invalidate = self.invalidate
-        for w0, w1 in entries:
+        tlb = self.tlb
+        for index, (w0, w1) in enumerate(entries):
+            opcode = w0 & _OPCODE_MASK
+            # A TLBI by address is the guest's command per unmapped range: it stays in the
+            # loop, and costs nothing while nothing is cached.
+            if opcode in _TLBI_BY_ADDRESS:
+                if tlb:
+                    self._tlbi_by_address(viommu.vmid, opcode, w0, w1)
+                continue
             try:
-                invalidate(viommu, w0, w1, op)
+                self._invalidate(viommu, opcode, w0, op)
             except IommufdError as exc:
-                exc.handled = handled
+                exc.handled = index
                 raise
-            handled += 1
-        return handled
+        return len(entries)
 
-    def invalidate(self, viommu: SimViommu, w0: int, w1: int, op: str) -> None:
-        """Convert one guest command as arm_vsmmu_convert_user_cmd, then execute it."""
-        opcode = w0 & _OPCODE_MASK
+    def _tlbi_by_address(self, vmid: int, opcode: int, w0: int, w1: int) -> None:
+        tlb = self.tlb
+        start, end = self._tlbi_range(w0, w1)
+        dead = tlb.overlapping(vmid, None if opcode == _TLBI_NH_VAA else CMD.ASID.get(w0),
+                               start, end)
+        fast = self.fast.values()
+        for key in dead:
+            del tlb[key]
+            for pages in fast:  # what a hit on that entry put in the fast path
+                pages.pop(key[2], None)
+
+    def _invalidate(self, viommu: SimViommu, opcode: int, w0: int, op: str) -> None:
+        """Any other command: by vSID (converted to the physical StreamID) or by VMID/ASID."""
         if opcode not in ALLOWED_INVALIDATIONS:
             raise IommufdError(
                 errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation"
@@ -249,18 +265,8 @@ class PhysicalSmmu:
         tlb = self.tlb
         if not tlb:
             return  # nothing cached: every TLBI is complete at once
-        vmid = viommu.vmid
-        if opcode in _TLBI_BY_ADDRESS:
-            start, end = self._tlbi_range(w0, w1)
-            dead = tlb.overlapping(vmid, None if opcode == _TLBI_NH_VAA else CMD.ASID.get(w0),
-                                   start, end)
-            fast = self.fast.values()
-            for key in dead:
-                del tlb[key]
-                for pages in fast:  # what a hit on that entry put in the fast path
-                    pages.pop(key[2], None)
-            return
         self.fast.clear()
+        vmid = viommu.vmid
         if opcode == CmdOpcode.TLBI_NH_ALL or opcode == CmdOpcode.TLBI_NSNH_ALL:
             dead = [k for k in tlb if k[0] == vmid]
         else:
