@@ -147,7 +147,7 @@ def _range_missing(w0: int, _w1: int) -> bool:
 
 
 _Rule = tuple[int, int, Callable[[int, int], bool] | None]
-"""(word 0 bits refused, word 1 bits refused, the encodings no mask can express: refused
+"""(word 0 bits allowed, word 1 bits allowed, the encodings no mask can express: refused
 when it returns True)."""
 
 
@@ -157,21 +157,21 @@ def _rule(opcode: int, tg_ttl: int, allowed: tuple[int, int],
 
     A range check's outcome depends on TG, TTL and whether NUM/SCALE are zero:
     with TG/TTL fixed, it is either always met, or met only without a range
-    (NUM/SCALE refused like any other bit), or only with one, or never.
+    (NUM/SCALE not allowed), or only with one, or never.
     """
-    refused0, refused1 = ~allowed[0], ~allowed[1]
+    allowed0, allowed1 = allowed
     if opcode == CmdOpcode.ATC_INV:
-        return refused0, refused1, _atc_size_reserved
+        return allowed0, allowed1, _atc_size_reserved
     if not _range_checked(opcode, host):
-        return refused0, refused1, None
+        return allowed0, allowed1, None
     single_ok = _range_ok(opcode, tg_ttl, host)
     ranged_ok = _range_ok(opcode | CMD.NUM.place(1), tg_ttl, host)
     if single_ok and ranged_ok:
-        return refused0, refused1, None
+        return allowed0, allowed1, None
     if single_ok:
-        return refused0 | _NUM_SCALE, refused1, None
+        return allowed0 & ~_NUM_SCALE, allowed1, None
     if ranged_ok:
-        return refused0, refused1, _range_missing
+        return allowed0, allowed1, _range_missing
     return None
 
 
@@ -187,7 +187,7 @@ class UserCommandCheck:
     command from the opcode and the range fields is decided once per host:
     the table is keyed by the opcode (word 0) together with TG and TTL (word
     1, bit positions the opcode does not use), and a command passes when it
-    has a rule, sets no refused bit and no rule test refuses it.  A refused
+    has a rule, sets only bits the rule allows and no rule test refuses it.  A refused
     command's error names the first of the kernel's checks it fails.
     """
 
@@ -209,15 +209,17 @@ class UserCommandCheck:
         """The index of the first entry the kernel refuses, or None when it takes them all.
 
         An entry taken sets only bits its opcode allows, so its words are
-        unsigned 64-bit values.
+        unsigned 64-bit values (``w | allowed == allowed`` holds for no negative
+        ``w`` and no ``w`` with a bit above the mask's).
         """
         rules = self._rules
         for index, (w0, w1) in enumerate(entries):
             try:
-                refused0, refused1, test = rules[w0 & _OPCODE | w1 & _TG_TTL]
+                allowed0, allowed1, test = rules[w0 & _OPCODE | w1 & _TG_TTL]
             except KeyError:
                 return index  # the opcode, or its TG/TTL, refused whole
-            if w0 & refused0 or w1 & refused1 or (test is not None and test(w0, w1)):
+            if w0 | allowed0 != allowed0 or w1 | allowed1 != allowed1 or (
+                    test is not None and test(w0, w1)):
                 return index
         return None
 
