@@ -23,6 +23,10 @@ from vsmmu.vfio_user import PciFunction
 logger = logging.getLogger(__name__)
 
 
+DMA_PAGE_SIZE = 4096
+"""The smallest page an IOMMU translates: an access inside one is allowed or refused whole."""
+
+
 class EndpointError(Exception):
     """Errors of the endpoints layer."""
 

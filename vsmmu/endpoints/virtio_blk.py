@@ -31,7 +31,7 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vsmmu.endpoints import virtio_uapi as vu
 from vsmmu.endpoints.base import EndpointSpecError, spec_bool
@@ -57,8 +57,7 @@ _CONFIG = struct.Struct(vu.VIRTIO_BLK_CONFIG_FORMAT)
 _SECTOR = vu.VIRTIO_BLK_SECTOR_SIZE
 
 
-@dataclasses.dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A run of guest bytes at an IOVA (part of a descriptor)."""
 
     addr: int

@@ -18,33 +18,34 @@ import dataclasses
 import logging
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 from vsmmu.endpoints import virtio_uapi as vu
-from vsmmu.endpoints.base import DmaPort, EndpointError
+from vsmmu.endpoints.base import DMA_PAGE_SIZE, DmaPort, EndpointError
 
 logger = logging.getLogger(__name__)
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+# Plain ints: a chain of 256 descriptors is read per request, and IntFlag arithmetic
+# costs microseconds per operation.
+_NEXT = int(vu.DescFlag.NEXT)
+_WRITE = int(vu.DescFlag.WRITE)
+_INDIRECT = int(vu.DescFlag.INDIRECT)
 
 
 class VirtqueueError(EndpointError):
     """The driver gave a virtqueue the device cannot use (a malformed ring)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     """One buffer of a chain."""
 
     addr: int
     length: int
-    flags: vu.DescFlag
-
-    @property
-    def device_writable(self) -> bool:
-        """True for a buffer the device fills (driver-readable)."""
-        return bool(self.flags & vu.DescFlag.WRITE)
+    device_writable: bool
+    """True for a buffer the device fills (driver-readable): ``VIRTQ_DESC_F_WRITE``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +154,13 @@ class SplitVirtqueue:
         """
         slot = self.last_avail_idx % self.size
         head = self._read_u16(self.driver + vu.VIRTQ_AVAIL_RING + vu.VIRTQ_AVAIL_ELEM_SIZE * slot)
+        port = self._port()
+        table_end = self.desc + vu.VIRTQ_DESC_SIZE * self.size
+        # The table is read a page at a time (the part of it inside one DMA page), once per
+        # chain: the IOMMU allows or refuses a page whole, so this is refused exactly when
+        # reading the descriptor alone would be, and a long chain costs a read per page
+        # instead of one per descriptor.
+        pages: dict[int, tuple[int, bytes]] = {}
         descriptors: list[Descriptor] = []
         index = head
         while True:
@@ -166,11 +174,15 @@ class SplitVirtqueue:
                     f"queue {self.index}: chain from head {head} is longer than the "
                     f"{self.size}-entry table (a loop)"
                 )
-            raw = self._port().read(self.desc + vu.VIRTQ_DESC_SIZE * index, vu.VIRTQ_DESC_SIZE)
-            addr, length, flag_bits, following = _DESC.unpack(raw)
-            flags = vu.DescFlag(flag_bits & (vu.DescFlag.NEXT | vu.DescFlag.WRITE
-                                             | vu.DescFlag.INDIRECT))  # fmt: skip
-            if flags & vu.DescFlag.INDIRECT:
+            address = self.desc + vu.VIRTQ_DESC_SIZE * index
+            page = address - address % DMA_PAGE_SIZE
+            cached = pages.get(page)
+            if cached is None:
+                start = max(page, self.desc)
+                cached = pages[page] = (start, port.read(
+                    start, min(page + DMA_PAGE_SIZE, table_end) - start))
+            addr, length, flags, following = _DESC.unpack_from(cached[1], address - cached[0])
+            if flags & _INDIRECT:
                 raise VirtqueueError(
                     f"queue {self.index}: descriptor {index} is INDIRECT, a feature "
                     f"not negotiated"
@@ -180,8 +192,8 @@ class SplitVirtqueue:
                     f"queue {self.index}: descriptor {index} buffer {addr:#x}+{length:#x} "
                     f"wraps the 64-bit address space"
                 )
-            descriptors.append(Descriptor(addr, length, flags))
-            if not flags & vu.DescFlag.NEXT:
+            descriptors.append(Descriptor(addr, length, bool(flags & _WRITE)))
+            if not flags & _NEXT:
                 return DescriptorChain(head, tuple(descriptors))
             index = following
 

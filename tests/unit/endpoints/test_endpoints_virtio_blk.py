@@ -214,6 +214,52 @@ def test_refused_dma_leaves_the_request_on_the_ring(image: Path, memory: GuestMe
     assert image.read_bytes()[: 2 * SECTOR] == payload
 
 
+def test_a_long_chain_reads_the_descriptor_table_once_per_page(image: Path,
+                                                               memory: GuestMemory) -> None:
+    """A long request costs one descriptor-table read per DMA page its chain spans, and a
+    refused table page stops it on the ring like any refused DMA."""
+    device = VirtioBlk("blk-test", path=image)
+    device.bind_dma(memory)
+    driver = BlkDriver(device, memory)
+    driver.enable_bus_master()
+    assert driver.negotiate()
+    table, size = 0x80800, 256  # 0x80800..0x81800: two pages
+    driver.setup_queue(size=size, desc=table)
+    driver.set_status(vu.DeviceStatus.DRIVER_OK)
+    half = SECTOR // 2  # 128 half-sector segments: the chain's descriptors cross a page
+    chain = [(HEADER, 16, False), *[(DATA + i * half, half, False) for i in range(128)],
+             (STATUS, 1, True)]
+    for index, (addr, length, writable) in enumerate(chain):
+        flags = (WRITE if writable else 0) | (NEXT if index < len(chain) - 1 else 0)
+        memory.put("<QIHH", table + 16 * index, addr, length, flags, index + 1)
+    payload = bytes(range(256)) * (128 * half // 256)
+    memory.data[DATA : DATA + len(payload)] = payload
+    memory.put("<IIQ", HEADER, OUT, 0, 0)
+    memory.data[STATUS] = STATUS_UNTOUCHED
+    reads: list[tuple[int, int]] = []
+    read = memory.read
+
+    def recording_read(iova: int, length: int) -> bytes:
+        reads.append((iova, length))
+        return read(iova, length)
+
+    memory.read = recording_read  # type: ignore[method-assign]
+    memory.refused.append((0x81000, 0x82000))  # the table's second page
+    driver.make_available(0, size)
+    driver.kick()
+    assert driver.used_idx() == 0 and memory.data[STATUS] == STATUS_UNTOUCHED
+    assert image.read_bytes() == image_bytes()
+    assert device.stats()["dma_faults"] == 1 and not needs_reset(driver)
+    memory.refused.clear()
+    reads.clear()
+    driver.kick()
+    assert driver.used_idx() == 1 and memory.data[STATUS] == OK
+    assert image.read_bytes()[: len(payload)] == payload
+    table_reads = [(iova, length) for iova, length in reads
+                   if iova < table + 16 * size and table < iova + length]
+    assert table_reads == [(table, 0x800), (0x81000, 0x800)]
+
+
 @pytest.mark.parametrize("chain", [
     [(HEADER, 16, False)],                                         # no status byte
     [(HEADER, 16, False), (STATUS, 1, True), (DATA, SECTOR, False)],  # readable after writable
