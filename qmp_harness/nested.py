@@ -245,12 +245,33 @@ def init_fragments(config: NestedConfig) -> list[InitFragment]:
     return [enable, probe, *config.fragments]
 
 
-def vfio_user_device(socket: Path, slot: int, device_id: str) -> str:
-    """The ``-device`` JSON for a vfio-user function at ``slot`` (JSON form only)."""
-    return json.dumps({
+def vfio_user_device(socket: Path, slot: int, device_id: str, *,
+                     posted_writes: bool = True) -> str:
+    """The ``-device`` JSON for a vfio-user function at ``slot`` (JSON form only).
+
+    With ``posted_writes=False`` every BAR write waits for the server's reply
+    (QEMU's ``x-no-posted-writes``).
+    """
+    device: dict[str, object] = {
         "driver": "vfio-user-pci", "id": device_id,
         "socket": {"type": "unix", "path": str(socket)}, "addr": f"{slot:#x}",
-    })
+    }
+    if not posted_writes:
+        device["x-no-posted-writes"] = True
+    return json.dumps(device)
+
+
+def smmu_function_device(socket: Path) -> str:
+    """The SMMU function's ``-device`` JSON: at :data:`SMMU_SLOT`, register writes not posted.
+
+    A strict-mode guest waits for the CMD_SYNC after every unmap's TLBI.  With a
+    posted CMDQ_PROD write it waits by polling the SYNC's MSI with WFE, which TCG
+    runs as a stream of vCPU exits, each waking QEMU's main loop (about 20 000
+    wake-ups a second during a disk read), and those steal the host CPU the service
+    needs to complete the SYNC.  Blocked in a write the service answers after the
+    commands (and the MSI) are done, the vCPU sleeps instead, and finds the MSI there.
+    """
+    return vfio_user_device(socket, SMMU_SLOT, "vsmmu", posted_writes=False)
 
 
 class NestedMachine:
@@ -335,7 +356,7 @@ class NestedMachine:
         config = self.config
         initrd = build_initramfs(self.guest, self.cache / "initramfs",
                                  modules=config.modules, fragments=init_fragments(config))
-        devices = [vfio_user_device(self.socket_dir / "smmu.sock", SMMU_SLOT, "vsmmu")]
+        devices = [smmu_function_device(self.socket_dir / "smmu.sock")]
         for endpoint in config.endpoints:
             devices += endpoint.qemu_devices(self.endpoint_socket(endpoint))
         hotplug = [ROOT_PORT_APPEND] if any(e.behind_root_port for e in config.endpoints) else []
@@ -653,6 +674,7 @@ __all__ = [
     "NestedMachine",
     "init_fragments",
     "pci_bdf",
+    "smmu_function_device",
     "smmu_node",
     "vfio_user_device",
 ]

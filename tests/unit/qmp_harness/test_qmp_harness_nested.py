@@ -14,6 +14,7 @@ from qmp_harness.nested import (
     NestedConfig,
     NestedEndpoint,
     init_fragments,
+    smmu_function_device,
     smmu_node,
 )
 from vsmmu.arch.events import EventId, decode_event
@@ -110,3 +111,11 @@ def test_endpoint_spec_is_what_the_service_parses() -> None:
     assert "ats=on" in parsed.spec and "seed=9" in parsed.spec and "name=rng3" in parsed.spec
     device = json.loads(endpoint.device_json(Path("/tmp/x.sock")))
     assert device["driver"] == "vfio-user-pci" and device["addr"] == "0x3"
+
+
+def test_only_the_smmu_function_waits_for_its_register_writes() -> None:
+    smmu = json.loads(smmu_function_device(Path("/tmp/smmu.sock")))
+    assert smmu["driver"] == "vfio-user-pci" and smmu["addr"] == f"{SMMU_SLOT:#x}"
+    assert smmu["x-no-posted-writes"] is True
+    endpoint = json.loads(NestedEndpoint(slot=3).device_json(Path("/tmp/x.sock")))
+    assert "x-no-posted-writes" not in endpoint
