@@ -140,7 +140,9 @@ def _check(sim: SimIommufd, dev_id: int, iova: int,
         return StaleCache("cd", cd.asid, f"cached {cd}, guest memory now {now}")
     entry = phys.tlb.get((viommu.vmid, cd.asid, iova >> TLB_PAGE_SHIFT))
     if entry is None:
-        return None  # an IOTLB miss walks the tables afresh
+        # An IOTLB miss walks again (from a last-level table the walk cache kept at most:
+        # a guest that changed a table above it sees its check on the next access, a hit).
+        return None
     try:
         _, _, out_ipa, writable = phys._stage1(ioas, cd, iova, False)
         # The output page itself is data, not a table: not part of what the walk read.

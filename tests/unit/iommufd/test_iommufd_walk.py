@@ -379,6 +379,54 @@ def test_tlbi_by_address_keeps_other_hot_pages_and_drops_its_own() -> None:
     assert g.sim.smmu.walks == walks + 1
 
 
+# --- the walk cache: last-level tables kept across Leaf=1 TLBIs, dropped by the rest ---
+
+WALK_VA = 0x1000_0000
+
+
+@pytest.mark.parametrize(("opcode", "fields", "kept"), [
+    (CmdOpcode.TLBI_NH_VA, {"ASID": ASID, "VA": WALK_VA, "LEAF": 1}, True),
+    (CmdOpcode.TLBI_NH_VAA, {"VA": WALK_VA, "LEAF": 1}, True),
+    (CmdOpcode.TLBI_NH_VA, {"ASID": ASID, "VA": WALK_VA, "LEAF": 0}, False),
+    (CmdOpcode.TLBI_NH_VAA, {"VA": WALK_VA + 0x1000, "LEAF": 0}, False),
+    (CmdOpcode.TLBI_NH_ASID, {"ASID": ASID}, False),
+    (CmdOpcode.TLBI_NH_ALL, {}, False),
+    (CmdOpcode.CFGI_CD, {"SID": VSID}, False),
+])
+def test_walk_cache_survives_only_leaf_tlbis(opcode: int, fields: dict[str, int],
+                                             kept: bool) -> None:
+    """The guest moves a level-2 descriptor to a new last-level table, then invalidates:
+    after a Leaf=1 TLBI the next miss may still use the old table (IHI 0070 §4.4.1,
+    Leaf), after anything else it must walk the new one."""
+    g = Guest()
+    hot_page(g, WALK_VA)  # RAM +2 MiB, through the last-level table at ttb + 12K
+    g.ram[0x20_0000] = 1
+    g.ram[0x30_0000] = 2
+    moved = g.ttb + 0x4000
+    g.put(moved + ((WALK_VA >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | PAGE)
+    g.put(g.ttb + 0x2000 + ((WALK_VA >> 21) & 0x1FF) * 8, table(moved))
+    g.tlbi(opcode, **fields)
+    g.tlbi(CmdOpcode.TLBI_NH_VA, ASID=ASID, VA=WALK_VA, LEAF=1)  # the IOTLB entry goes
+    walks = g.sim.smmu.walks
+    assert g.sim.dma_read(g.dev, WALK_VA, 1) == (b"\x01" if kept else b"\x02")
+    assert g.sim.smmu.walks == walks + 1
+
+
+def test_walk_cache_is_per_last_level_table() -> None:
+    """A miss in another 2 MiB of VA walks its own tables, not the cached one's."""
+    g = Guest()
+    hot_page(g, WALK_VA)
+    far = WALK_VA + 0x20_0000
+    other = g.ttb + 0x4000
+    g.put(other + ((far >> 12) & 0x1FF) * 8, (RAM_IPA + 0x30_0000) | LEAF | PAGE)
+    g.put(g.ttb + 0x2000 + ((far >> 21) & 0x1FF) * 8, table(other))
+    g.ram[0x30_0000] = 3
+    assert g.sim.dma_read(g.dev, far, 1) == b"\x03"
+    near = WALK_VA + 0x1000  # same last-level table as WALK_VA, no leaf: a fault
+    with pytest.raises(DmaFault):
+        g.sim.dma_read(g.dev, near, 1)
+
+
 TLBI_FORMS = [
     (CmdOpcode.TLBI_NH_VA, True), (CmdOpcode.TLBI_NH_VAA, False),
     (CmdOpcode.TLBI_NH_ASID, True), (CmdOpcode.TLBI_NH_ALL, False),

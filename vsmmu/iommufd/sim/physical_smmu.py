@@ -22,7 +22,9 @@ the final host location of that page, as a combined S1+S2 TLB does.  A changed g
 is therefore *not* seen until the guest invalidates: TLBI_NH_VA/VAA (with
 range), NH_ASID, NH_ALL and NSNH_ALL (through ``HWPT_INVALIDATE``) remove
 entries; CFGI_CD/CFGI_CD_ALL drop the cached CD; an IOAS map/unmap flushes
-everything (the kernel invalidates stage 2 itself).
+everything (the kernel invalidates stage 2 itself).  A walk cache keeps the
+last-level table of each 4K-page walk across TLBIs by address with Leaf=1, as
+an SMMU may (IHI 0070 §4.4.1); a Leaf=0 TLBI and every other invalidation drop it.
 
 Fast path: a hit is also remembered per device as ``{4K page: (host page
 view, writable)}`` in :attr:`PhysicalSmmu.fast`, which ``dma_read`` /
@@ -71,6 +73,7 @@ from vsmmu.arch.pagetables import (
     DESC,
     DESCRIPTOR_SIZE,
     GRANULES_BY_SHIFT,
+    MAX_LEVEL,
     OA_BITS,
     Ap,
     DescriptorKind,
@@ -95,6 +98,8 @@ from vsmmu.iommufd.uapi import IoasMapFlags
 log = logging.getLogger(__name__)
 
 VA_BITS = 64
+WALK_CACHE_CAPACITY = 512
+"""Last-level tables the walk cache keeps (1 GiB of 4K-page VA) before it starts over."""
 
 EventReporter = Callable[[SimViommu, bytes], bool]
 """Delivers one event record to a vIOMMU's vEVENTQ; False when it has none."""
@@ -113,6 +118,7 @@ FORWARDED_EVENTS = frozenset(
     }
 )
 _OPCODE_MASK = CMD.OPCODE.inplace_mask
+_LEAF = CMD.LEAF.inplace_mask
 _TLBI_NH_VA = int(CmdOpcode.TLBI_NH_VA)
 _TLBI_NH_VAA = int(CmdOpcode.TLBI_NH_VAA)
 _TLBI_BY_ADDRESS = frozenset({_TLBI_NH_VA, _TLBI_NH_VAA})
@@ -186,6 +192,13 @@ class PhysicalSmmu:
         # TLBI by address, which drops the pages whose entries it removed (strict-mode
         # guests issue one per unmap).
         self.fast: dict[int, dict[int, tuple[memoryview, bool]]] = {}
+        # The walk cache: (VMID, ASID, VA >> span of a last-level table) -> the IPA of the
+        # last-level table that VA's walk ended in.  An SMMU may keep such non-leaf entries
+        # across a TLBI by address with Leaf=1 (IHI 0070 §4.4.1), which is how a strict-mode
+        # guest unmaps, so the miss on a page next to one it unmapped reads one descriptor,
+        # not four.  A Leaf=0 TLBI (Linux's when it frees a table) and every other change
+        # that could alter a walk drop it whole.
+        self.walk_cache: dict[tuple[int, int, int], int] = {}
         self.host_events: list[Event] = []
         self.walks = 0
 
@@ -195,18 +208,21 @@ class PhysicalSmmu:
         """A new physical STE for ``dev`` (attach/replace/detach): CFGI_STE semantics."""
         self.cd_cache.pop(dev.stream_id, None)
         self.fast.clear()
+        self.walk_cache.clear()
 
     def flush_stage2(self, ioas: SimIoas) -> None:
         """The IOAS changed: the kernel invalidates stage 2, which drops combined entries."""
         del ioas
         self.tlb.clear()
         self.fast.clear()
+        self.walk_cache.clear()
 
     def flush_vmid(self, vmid: int) -> None:
         """Drop every entry of ``vmid`` (its S2 HWPT is gone)."""
         for key in [k for k in self.tlb if k[0] == vmid]:
             del self.tlb[key]
         self.fast.clear()
+        self.walk_cache.clear()
 
     def invalidate_batch(
         self, viommu: SimViommu, entries: Sequence[tuple[int, int]], op: str
@@ -223,6 +239,8 @@ class PhysicalSmmu:
             # A TLBI by address is the guest's command per unmapped range: it stays in the
             # loop, and costs nothing while nothing is cached.
             if opcode in _TLBI_BY_ADDRESS:
+                if not w1 & _LEAF:
+                    self.walk_cache.clear()  # Leaf=0: the walk's table entries go too
                 if tlb:
                     self._tlbi_by_address(viommu.vmid, opcode, w0, w1)
                 continue
@@ -250,6 +268,7 @@ class PhysicalSmmu:
             raise IommufdError(
                 errno.EIO, op, f"command opcode {opcode:#04x}: not an allowed invalidation"
             )
+        self.walk_cache.clear()  # a CD change may point the same ASID at other tables
         if opcode in _BY_STREAM:
             self.fast.clear()
             vsid = CMD.SID.get(w0)
@@ -341,7 +360,8 @@ class PhysicalSmmu:
         if cd is None:
             cd = self._fetch_cd(ioas, ste0)
             self.cd_cache[dev.stream_id] = cd
-        leaf_base, leaf_size, out_ipa, writable = self._stage1(ioas, cd, iova, write)
+        leaf_base, leaf_size, out_ipa, writable = self._stage1(ioas, cd, iova, write,
+                                                               viommu.vmid)
         view, off = self._stage2(ioas, out_ipa, write, EventClass.IN, iova)
         page_off = off - (out_ipa & TLB_PAGE_MASK)
         key = (viommu.vmid, cd.asid, iova >> TLB_PAGE_SHIFT)
@@ -437,9 +457,14 @@ class PhysicalSmmu:
         )
 
     def _stage1(
-        self, ioas: SimIoas, cd: CdConfig, iova: int, write: bool
+        self, ioas: SimIoas, cd: CdConfig, iova: int, write: bool, vmid: int | None = None
     ) -> tuple[int, int, int, bool]:
-        """Walk stage 1: return (leaf VA base, leaf size, output IPA, writable)."""
+        """Walk stage 1: return (leaf VA base, leaf size, output IPA, writable).
+
+        With ``vmid`` the walk goes through the walk cache: it starts at the cached
+        last-level table of ``iova`` and records the one it ends in.  Without, it reads
+        every level afresh (the stale-cache check's walk).
+        """
         if not cd.epd[0] and iova >> (VA_BITS - cd.tsz[0]) == 0:
             half = 0
         elif not cd.epd[1] and iova >> (VA_BITS - cd.tsz[1]) == (1 << cd.tsz[1]) - 1:
@@ -456,6 +481,12 @@ class PhysicalSmmu:
         granule: Granule = GRANULES_BY_SHIFT[cd.shift[half]]
         level = granule.start_level(ia_bits)
         table = cd.ttb[half]
+        walk_key = None
+        if vmid is not None:
+            walk_key = (vmid, cd.asid, iova >> granule.level_shift(MAX_LEVEL - 1))
+            cached = self.walk_cache.get(walk_key)
+            if cached is not None:
+                table, level = cached, MAX_LEVEL
         oa_limit = 1 << cd.oa_bits
         oa_52 = cd.oa_bits > OA_BITS
         lookup = ioas.lookup
@@ -491,6 +522,11 @@ class PhysicalSmmu:
             if write and not writable:
                 raise _level_fault(EventId.F_PERMISSION, "read-only", level, desc, desc_ipa,
                                    iova)
+            if walk_key is not None and level == MAX_LEVEL:
+                walk_cache = self.walk_cache
+                if len(walk_cache) >= WALK_CACHE_CAPACITY:
+                    walk_cache.clear()
+                walk_cache[walk_key] = table
             leaf_size = 1 << granule.level_shift(level)
             leaf_base = iova & ~(leaf_size - 1)
             return leaf_base, leaf_size, out | (iova & (leaf_size - 1)), writable
