@@ -114,7 +114,7 @@ class ServiceCommands:
                      "prod": smmu.cmdq_prod, "cons": smmu.cmdq_cons & cmdq.pointer_mask,
                      "error": CError(cerror).name if cerror in CError.__members__.values()
                      else str(cerror),
-                     "consumed": smmu.commands_consumed},
+                     "consumed": smmu.commands_consumed, "sync-msis": smmu.sync_msis},
             "evtq": {"base": QUEUE_BASE.ADDR.get(smmu.evtq_base), "log2size": evtq.log2size,
                      "prod": smmu.evtq_prod & evtq.pointer_mask,
                      "cons": smmu.evtq_cons & evtq.pointer_mask,

@@ -68,6 +68,7 @@ async def test_strict_unmaps_complete_by_msi_without_reading_cmdq_cons(
     device = await nm.block_device(endpoint)
 
     syncs_before, cons_before = trace_counts(nm)
+    msis_before = (await nm.service("query-vsmmu"))["cmdq"]["sync-msis"]
     await nm.sh(f"dd if={device} of=/dev/null bs={READ_BLOCK} count={READ_COUNT} iflag=direct "
                 "2>/dev/null", timeout=120)
     syncs_after, cons_after = trace_counts(nm)
@@ -81,3 +82,4 @@ async def test_strict_unmaps_complete_by_msi_without_reading_cmdq_cons(
     assert cons_reads == 0
     state = await nm.service("query-vsmmu")
     assert state["enabled"] and state["active-errors"] == [], state
+    assert state["cmdq"]["sync-msis"] - msis_before >= msi_syncs  # QMP counts them too
