@@ -19,6 +19,7 @@ Hits, misses and copies are sampled in turn, round by round
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 from functools import partial
 
@@ -61,7 +62,7 @@ class NestedTable:
 
     def __init__(self) -> None:
         self.sim = SimIommufd()
-        self.ram = bytearray(RAM_SIZE)
+        self.ram = mmap.mmap(-1, RAM_SIZE)  # page-aligned, as an IOAS with a domain wants
         self.dev = self.sim.create_mock_device(PSID, name="bench-ep")
         ioas = self.sim.ioas_alloc()
         self.sim.ioas_map(ioas, HostMapping(self.ram), iova=RAM_IPA)

@@ -32,7 +32,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +65,8 @@ TESTDEV_VENDOR_DEVICE = "0x1b36:0x0005"
 """``iommu-testdev``'s PCI vendor:device, as sysfs prints them."""
 FIRST_TESTDEV_SLOT = 2
 DEFAULT_TIMEOUT = 1200.0
+CONSOLE_CHUNK = 1 << 16
+"""Bytes read from the console at a time."""
 BASE_FORMAT = 2
 """Bumped when the base initrd's layout changes, so cached ones are rebuilt."""
 CONSOLE_MAJOR, CONSOLE_MINOR = 5, 1
@@ -269,6 +271,21 @@ def render_init(command: Sequence[str], env: Mapping[str, str], marker: str) -> 
                        command=shlex.join(command))
 
 
+async def _console_lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The console's lines, however long (a command may print megabytes on one line,
+    which ``StreamReader.readline`` refuses past its 64 KiB limit)."""
+    pending = bytearray()
+    while chunk := await stream.read(CONSOLE_CHUNK):
+        pending += chunk
+        start = 0
+        while (newline := pending.find(b"\n", start)) >= 0:
+            yield bytes(pending[start:newline + 1])
+            start = newline + 1
+        del pending[:start]
+    if pending:
+        yield bytes(pending)
+
+
 async def _boot(argv: list[str], env: dict[str, str], marker: str, timeout: float,
                 echo: bool) -> LaneResult:
     started = time.monotonic()
@@ -284,7 +301,7 @@ async def _boot(argv: list[str], env: dict[str, str], marker: str, timeout: floa
     inside = False
     try:
         async with asyncio.timeout(timeout):
-            while raw := await proc.stdout.readline():
+            async for raw in _console_lines(proc.stdout):
                 line = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
                 console.append(line)
                 # The firmware leaves terminal escapes without a newline before /init's

@@ -250,8 +250,9 @@ class IommufdBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def device_attach(self, dev_id: int, pt_id: int) -> None:
-        """Attach (or, if already attached, replace) the device's page table."""
+    def device_attach(self, dev_id: int, pt_id: int) -> int:
+        """Attach (or, if already attached, replace) the device's page table; return the
+        HWPT attached, as VFIO writes back ``pt_id`` (for an IOAS, its automatic domain)."""
 
     @abc.abstractmethod
     def device_replace(self, dev_id: int, pt_id: int) -> None:

@@ -151,10 +151,10 @@ class FaultInjectingBackend(IommufdBackend):
         self._check(BackendOp.HWPT_ALLOC)
         return self.inner.hwpt_alloc(dev_id, pt_id, flags, data, data_type, data_len)
 
-    def device_attach(self, dev_id: int, pt_id: int) -> None:
+    def device_attach(self, dev_id: int, pt_id: int) -> int:
         """Forwarded (armable)."""
         self._check(BackendOp.DEVICE_ATTACH)
-        self.inner.device_attach(dev_id, pt_id)
+        return self.inner.device_attach(dev_id, pt_id)
 
     def device_replace(self, dev_id: int, pt_id: int) -> None:
         """Forwarded (armable)."""

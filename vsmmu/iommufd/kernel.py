@@ -308,7 +308,7 @@ class KernelIommufd(IommufdBackend):
 
     # --- attach (VFIO cdev) ---
 
-    def device_attach(self, dev_id: int, pt_id: int) -> None:
+    def device_attach(self, dev_id: int, pt_id: int) -> int:
         """``VFIO_DEVICE_ATTACH_IOMMUFD_PT`` (a replace when already attached)."""
         op = "ATTACH_IOMMUFD_PT"
         cdev = self._cdev(dev_id, op)
@@ -319,6 +319,7 @@ class KernelIommufd(IommufdBackend):
         self._attached[dev_id] = pt_id
         self._objects[dev_id].detail["pt"] = pt_id
         self._objects[dev_id].detail["hwpt"] = int(cmd.pt_id)
+        return int(cmd.pt_id)
 
     def device_replace(self, dev_id: int, pt_id: int) -> None:
         """Replace the page table of an attached device (EINVAL if it is not attached)."""

@@ -560,3 +560,13 @@ IOCTL_STRUCTS: Final[dict[Ioctl, tuple[type[UapiStruct], int]]] = {
 }
 """/dev/iommu ioctl → (its structure, the kernel's min_size for the leading ``size``)."""
 
+# --- the arm-smmu-v3 driver's IOVA layout (arm-smmu-v3.c) ---
+
+ARM_SMMU_MSI_IOVA_BASE: Final = 0x800_0000
+"""MSI_IOVA_BASE: the IOMMU_RESV_SW_MSI window every device reserves in its IOAS."""
+ARM_SMMU_MSI_IOVA_LENGTH: Final = 0x10_0000
+"""MSI_IOVA_LENGTH."""
+ARM_SMMU_S1_INPUT_BITS: Final = 48
+"""A stage-1 domain's input size without FEAT_VAX (arm_smmu_domain_finalise)."""
+QEMU_SMMU_IAS_BITS: Final = 44
+"""A stage-2 domain's input size is the SMMU's IAS: 44 bits on QEMU's SMMUv3 (OAS 44)."""

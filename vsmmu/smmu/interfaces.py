@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -89,12 +90,17 @@ class GuestMemory(Protocol):
 
 
 class GuestRam:
-    """Bytearray-backed guest RAM of ``size`` bytes starting at GPA ``base``."""
+    """Guest RAM of ``size`` bytes starting at GPA ``base``, in anonymous memory.
+
+    Page-aligned like a VMM's guest RAM (an mmap), so an IOAS with a domain
+    accepts it: the kernel refuses a mapping whose user address starts mid-page
+    once the IOAS has a domain (``iopt_insert_area``), and the sim with it.
+    """
 
     def __init__(self, base: int, size: int) -> None:
         self.base = base
         self.size = size
-        self.data = bytearray(size)
+        self.data = mmap.mmap(-1, size)
 
     def _offset(self, gpa: int, size: int) -> int:
         offset = gpa - self.base

@@ -11,6 +11,7 @@ including refused commands, whose index must come back as ``handled``.
 from __future__ import annotations
 
 import errno
+import mmap
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -43,7 +44,7 @@ def nested_sim() -> tuple[SimIommufd, int, SimViommu]:
     sim = SimIommufd()
     dev = sim.create_mock_device(PSID)
     ioas = sim.ioas_alloc()
-    sim.ioas_map(ioas, HostMapping(bytearray(RAM_SIZE)), iova=RAM_IPA)
+    sim.ioas_map(ioas, HostMapping(mmap.mmap(-1, RAM_SIZE)), iova=RAM_IPA)
     s2 = sim.hwpt_alloc(dev, ioas, flags=uapi.HwptAllocFlags.NEST_PARENT)
     viommu_id = sim.viommu_alloc(dev, s2)
     sim.vdevice_alloc(viommu_id, dev, VSID)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,7 +37,7 @@ class Guest:
 
     def __init__(self, tg0: int = Tg0.GRANULE_4K) -> None:
         self.sim = SimIommufd()
-        self.ram = bytearray(RAM_SIZE)
+        self.ram = mmap.mmap(-1, RAM_SIZE)  # page-aligned, as the kernel wants it
         self.dev = self.sim.create_mock_device(PSID)
         ioas = self.sim.ioas_alloc()
         self.sim.ioas_map(ioas, HostMapping(self.ram), iova=RAM_IPA)

@@ -42,7 +42,7 @@ from vsmmu.iommufd.backend import (
     Vste,
     check_invalidation_words,
 )
-from vsmmu.iommufd.sim.host import HostPersonality, validate_vste
+from vsmmu.iommufd.sim.host import HostPersonality, check_no_fault_id, validate_vste
 from vsmmu.iommufd.sim.invalidate import (
     UserCommandCheck,
     copy_entries,
@@ -50,10 +50,15 @@ from vsmmu.iommufd.sim.invalidate import (
     lay_out_entries,
 )
 from vsmmu.iommufd.sim.ioas import (
+    ACCESS,
+    allowed_ranges,
+    check_device_reservations,
     check_domain_addable,
     check_map_header,
+    domain_aperture_last,
     iova_alignment,
     map_into,
+    reserved_iova,
     unmap_from,
 )
 from vsmmu.iommufd.sim.ioctl import IoctlTarget, decode_ioctl
@@ -165,16 +170,7 @@ class SimIommufd(IoctlTarget):
         # arm_smmu_hw_info: any type but DEFAULT/ARM_SMMUV3 needs impl ops we lack.
         if data_type not in (uapi.HwInfoType.DEFAULT, uapi.HwInfoType.ARM_SMMUV3):
             raise _err(errno.EOPNOTSUPP, op, f"data_type {data_type}: expected ARM_SMMUV3")
-        p = self.personality
-        info = uapi.IommuHwInfoArmSmmuv3()
-        for i, value in enumerate(p.idr):
-            info.idr[i] = value
-        info.iidr = p.iidr
-        info.aidr = p.aidr
-        caps = uapi.HwCapabilities(0)
-        if not p.ats:
-            caps |= uapi.HwCapabilities.PCI_ATS_NOT_SUPPORTED
-        return HwInfo(uapi.HwInfoType.ARM_SMMUV3, info.to_bytes(), caps, p.max_pasid_log2)
+        return self.personality.hw_info()
 
     # --- IOAS ---
 
@@ -185,19 +181,15 @@ class SimIommufd(IoctlTarget):
     def _ioas(self, ioas_id: int, op: str) -> SimIoas:
         return self._get(ioas_id, (SimIoas,), op, "ioas_id")
 
-    def ioas_map(
-        self,
-        ioas_id: int,
-        mapping: HostMapping,
-        iova: int | None = None,
-        flags: uapi.IoasMapFlags = uapi.IoasMapFlags.READABLE | uapi.IoasMapFlags.WRITEABLE,
-    ) -> int:
+    def ioas_map(self, ioas_id: int, mapping: HostMapping, iova: int | None = None,
+                 flags: uapi.IoasMapFlags = ACCESS) -> int:
         """``IOMMU_IOAS_MAP`` (see :mod:`.ioas` for the checks and their order)."""
         if iova is not None:
             flags |= uapi.IoasMapFlags.FIXED_IOVA
         check_map_header(int(flags), iova or 0, mapping.length)
         ioas = self._ioas(ioas_id, "IOAS_MAP")
-        iova = map_into(ioas, self._domains(ioas), mapping, iova, flags)
+        reserved = reserved_iova(ioas, self._objects.values(), self.personality)
+        iova = map_into(ioas, self._domains(ioas), reserved, mapping, iova, flags)
         self.smmu.flush_stage2(ioas)
         return iova
 
@@ -216,21 +208,15 @@ class SimIommufd(IoctlTarget):
             self.smmu.flush_stage2(ioas)
 
     def ioas_iova_ranges(self, ioas_id: int) -> tuple[list[tuple[int, int]], int]:
-        """``IOMMU_IOAS_IOVA_RANGES``: the whole 64-bit space; alignment 1 until a domain."""
+        """``IOMMU_IOAS_IOVA_RANGES``: what no reservation takes; alignment 1 until a domain."""
         ioas = self._ioas(ioas_id, "IOAS_IOVA_RANGES")
-        return [(0, uapi.U64_MAX)], iova_alignment(self._domains(ioas))
+        reserved = reserved_iova(ioas, self._objects.values(), self.personality)
+        return allowed_ranges(reserved), iova_alignment(self._domains(ioas))
 
     # --- HWPT ---
 
-    def hwpt_alloc(
-        self,
-        dev_id: int,
-        pt_id: int,
-        flags: int = 0,
-        data: Vste | None = None,
-        data_type: int | None = None,
-        data_len: int | None = None,
-    ) -> int:
+    def hwpt_alloc(self, dev_id: int, pt_id: int, flags: int = 0, data: Vste | None = None,
+                   data_type: int | None = None, data_len: int | None = None) -> int:
         """``IOMMU_HWPT_ALLOC`` (iommufd_hwpt_alloc)."""
         op = "HWPT_ALLOC"
         if data_type is None:
@@ -259,36 +245,23 @@ class SimIommufd(IoctlTarget):
     def _hwpt_paging_alloc(
         self, dev: SimDevice, ioas: SimIoas, flags: int, data_type: int, op: str
     ) -> int:
-        valid = uapi.HwptAllocFlags.NEST_PARENT | uapi.HwptAllocFlags.DIRTY_TRACKING
-        valid |= uapi.HwptAllocFlags.PASID
-        if int(flags) & ~int(valid) or data_type != uapi.HwptDataType.NONE:
-            raise _err(errno.EOPNOTSUPP, op, f"paging flags {flags:#x} data_type {data_type}")
-        if flags & uapi.HwptAllocFlags.DIRTY_TRACKING:
-            raise _err(errno.EOPNOTSUPP, op, "DIRTY_TRACKING: the host SMMU has no HTTU")
-        nest_parent = bool(flags & uapi.HwptAllocFlags.NEST_PARENT)
-        if nest_parent and not self.personality.nesting:
-            raise _err(errno.EOPNOTSUPP, op, "NEST_PARENT: the host SMMU has no nesting")
-        check_domain_addable(ioas, self._domains(ioas))
+        nest_parent = self.personality.check_paging_alloc(flags, data_type, op)
+        last = domain_aperture_last(self.personality, nest_parent)
+        check_domain_addable(ioas, self._domains(ioas), last)
+        check_no_fault_id(flags, op)
         hwpt = SimHwptPaging(self._alloc_id(), ioas=ioas, vmid=self._take_vmid(),
-                             nest_parent=nest_parent)
+                             nest_parent=nest_parent, aperture_last=last)
         ioas.users += 1
         return self._add(hwpt).id
 
-    def _hwpt_nested_alloc(
-        self,
-        viommu: SimViommu,
-        flags: int,
-        data_type: int,
-        data_len: int,
-        vste: list[int],
-        op: str,
-    ) -> int:
+    def _hwpt_nested_alloc(self, viommu: SimViommu, flags: int, data_type: int, data_len: int,
+                           vste: list[int], op: str) -> int:
         if int(flags) & ~int(uapi.HwptAllocFlags.FAULT_ID_VALID | uapi.HwptAllocFlags.PASID):
             raise _err(errno.EOPNOTSUPP, op, f"nested flags {flags:#x}")
-        if flags & uapi.HwptAllocFlags.FAULT_ID_VALID:
-            raise _err(errno.ENOENT, op, "fault_id: the sim has no FAULT objects")
-        if flags:
-            # arm_vsmmu_alloc_domain_nested refuses every remaining flag.
+        if not data_len:
+            raise _err(errno.EOPNOTSUPP, op, "no vSTE data")  # hw_pagetable.c:307
+        if flags & ~uapi.HwptAllocFlags.FAULT_ID_VALID:
+            # arm_vsmmu_alloc_domain_nested refuses every flag it is given.
             raise _err(errno.EOPNOTSUPP, op, f"nested flags {flags:#x}: expected 0")
         if data_type != uapi.HwptDataType.ARM_SMMUV3:
             raise _err(errno.EINVAL, op, f"data_type {data_type}: expected ARM_SMMUV3")
@@ -298,6 +271,7 @@ class SimIommufd(IoctlTarget):
             raise _err(errno.EINVAL, op, f"data_len {data_len}: expected {uapi.VSTE_SIZE}")
         words = [*vste, 0, 0][:2]
         stored, enable_ats = validate_vste(words, self.personality.ats_in_nested, op)
+        check_no_fault_id(flags, op)
         hwpt = SimHwptNested(self._alloc_id(), viommu=viommu, ste=stored, enable_ats=enable_ats)
         viommu.users += 1
         return self._add(hwpt).id
@@ -312,8 +286,10 @@ class SimIommufd(IoctlTarget):
             for obj in self._objects.values():
                 if isinstance(obj, SimHwptPaging) and obj.auto and obj.ioas is pt:
                     return obj
-            check_domain_addable(pt, self._domains(pt))
-            auto = SimHwptPaging(self._alloc_id(), ioas=pt, vmid=self._take_vmid(), auto=True)
+            last = domain_aperture_last(self.personality, False)
+            check_domain_addable(pt, self._domains(pt), last, op)
+            auto = SimHwptPaging(self._alloc_id(), ioas=pt, vmid=self._take_vmid(), auto=True,
+                                 aperture_last=last)
             pt.users += 1
             return self._add(auto)
         if isinstance(pt, SimHwptNested):
@@ -327,26 +303,36 @@ class SimIommufd(IoctlTarget):
                     f"dev {dev.id}: no vDEVICE on vIOMMU {pt.viommu.id} for a translate vSTE",
                 )
             return pt
-        raise self._wrong_kind(pt_id, pt, (SimIoas, SimHwptPaging, SimHwptNested), op, "pt_id")
+        if pt is None:
+            raise _err(errno.ENOENT, op, f"pt_id {pt_id}: no such object")
+        # iommufd_device_change_pt looks up any type, then refuses the wrong one.
+        raise _err(errno.EINVAL, op, f"pt_id {pt_id}: a {pt.type.value}, expected IOAS or HWPT")
 
     def _release_hwpt(self, hwpt: SimHwptPaging | SimHwptNested) -> None:
         hwpt.users -= 1
         if isinstance(hwpt, SimHwptPaging) and hwpt.auto and hwpt.users == 0:
             self._destroy_obj(hwpt)
 
-    def device_attach(self, dev_id: int, pt_id: int) -> None:
+    def device_attach(self, dev_id: int, pt_id: int) -> int:
         """Attach ``dev_id`` (replace if attached, as the VFIO cdev ioctl does)."""
         op = "ATTACH_IOMMUFD_PT"
         dev = self._device(dev_id, op)
         new = self._pt_for_attach(dev, pt_id, op)
         old = dev.hwpt
         if old is new:
-            return
+            return new.id
+        try:
+            check_device_reservations(old, new, self.personality, op)
+        except IommufdError:
+            if isinstance(new, SimHwptPaging) and new.auto and not new.users:
+                self._destroy_obj(new)  # the automatic domain made for this attach goes again
+            raise
         new.users += 1
         dev.hwpt = new
         if old is not None:
             self._release_hwpt(old)
         self.smmu.install_ste(dev)
+        return new.id
 
     def device_replace(self, dev_id: int, pt_id: int) -> None:
         """Replace the HWPT of an attached device (EINVAL if it is not attached)."""
@@ -478,11 +464,12 @@ class SimIommufd(IoctlTarget):
         if not depth or depth > VEVENTQ_MAX_DEPTH:
             raise _err(errno.EINVAL, op, f"veventq_depth {depth}: expected 1..{VEVENTQ_MAX_DEPTH}")
         viommu = self._viommu(viommu_id, op)
-        if viommu.veventq is not None:
-            raise _err(errno.EEXIST, op, f"vIOMMU {viommu_id}: already vEVENTQ {viommu.veventq.id}")
-        q = self._add(SimVeventq(self._alloc_id(), viommu=viommu, queue=SimVeventQueue(depth)))
+        if type_ in viommu.veventqs:
+            raise _err(errno.EEXIST, op, f"vIOMMU {viommu_id}: already a type {type_} vEVENTQ")
+        q = self._add(SimVeventq(self._alloc_id(), viommu=viommu, queue=SimVeventQueue(depth),
+                                 queue_type=type_))
         viommu.users += 1
-        viommu.veventq = q
+        viommu.veventqs[type_] = q
         return VeventqHandle(q.id, q.queue.reader_fd)
 
     def veventq_read(self, fd: int, count: int) -> bytes:
@@ -498,7 +485,7 @@ class SimIommufd(IoctlTarget):
 
     def report_event(self, viommu: SimViommu, event: bytes) -> bool:
         """Deliver one event record to the vIOMMU's vEVENTQ; False if it has none."""
-        q = viommu.veventq
+        q = viommu.veventqs.get(uapi.VeventqType.ARM_SMMUV3)
         if q is None:
             return False
         q.queue.report(event)
@@ -580,7 +567,7 @@ class SimIommufd(IoctlTarget):
             obj.device.vdev = None
         elif isinstance(obj, SimVeventq):
             obj.viommu.users -= 1
-            obj.viommu.veventq = None
+            obj.viommu.veventqs.pop(obj.queue_type, None)
             obj.queue.close()
         del self._objects[obj.id]
         log.info("iommufd sim: destroyed %s %d", obj.type.value, obj.id)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from vsmmu.arch.ste import STE, Eats, SteConfig
 from vsmmu.iommufd import uapi
+from vsmmu.iommufd.backend import HwInfo
 from vsmmu.iommufd.sim.objects import sim_error as _err
 
 
@@ -23,7 +24,12 @@ class HostPersonality:
     ID registers GET_HW_INFO returns; ``ats``: ARM_SMMU_FEAT_ATS (ATC_INV is
     EIO without it, and GET_HW_INFO reports PCI_ATS_NOT_SUPPORTED);
     ``asid_bits`` / ``ssid_bits``: the SMMU's ASID and SubstreamID widths;
-    ``ds``: ARM_SMMU_FEAT_DS (16K-granule TTL=1 and SCALE[5] in range TLBIs).
+    ``ds``: ARM_SMMU_FEAT_DS (16K-granule TTL=1 and SCALE[5] in range TLBIs);
+    ``s1_input_bits`` / ``s2_input_bits``: the IOVA width of a stage-1 (automatic)
+    and a stage-2 (nest parent) domain, whose aperture ends at ``2**bits - 1``
+    (arm_smmu_domain_finalise: 48 without VAX, and the SMMU's IAS, 44 on QEMU);
+    ``msi_window``: the IOMMU_RESV_SW_MSI region every device reserves in the
+    IOAS it is attached to (arm_smmu_get_resv_regions).
     :data:`QEMU_SMMUV3` is the host the lane's kernel runs on.
     """
 
@@ -40,11 +46,48 @@ class HostPersonality:
     asid_bits: int = 16
     ssid_bits: int = 20
     ds: bool = False
+    s1_input_bits: int = uapi.ARM_SMMU_S1_INPUT_BITS
+    s2_input_bits: int = uapi.QEMU_SMMU_IAS_BITS
+    msi_window: tuple[int, int] = (uapi.ARM_SMMU_MSI_IOVA_BASE, uapi.ARM_SMMU_MSI_IOVA_LENGTH)
+
+    def check_paging_alloc(self, flags: int, data_type: int, op: str) -> bool:
+        """The flag checks of a paging HWPT_ALLOC, in order (iommufd_hwpt_paging_alloc, then
+        arm_smmu_domain_alloc_paging_flags); True for a nest parent."""
+        f = uapi.HwptAllocFlags
+        valid = f.NEST_PARENT | f.DIRTY_TRACKING | f.FAULT_ID_VALID | f.PASID
+        if flags & ~int(valid):
+            raise _err(errno.EOPNOTSUPP, op, f"paging flags {flags:#x}: unknown bits")
+        if flags & f.DIRTY_TRACKING:
+            raise _err(errno.EOPNOTSUPP, op, "DIRTY_TRACKING: the host SMMU has no HTTU")
+        if flags & f.FAULT_ID_VALID and flags & f.NEST_PARENT:
+            raise _err(errno.EOPNOTSUPP, op, "FAULT_ID_VALID on a nest parent")
+        if data_type != uapi.HwptDataType.NONE:
+            raise _err(errno.EOPNOTSUPP, op, f"data_type {data_type}: a paging HWPT takes none")
+        driver = flags & ~int(f.FAULT_ID_VALID)
+        if driver not in (0, f.NEST_PARENT, f.PASID):
+            raise _err(errno.EOPNOTSUPP, op, f"paging flags {flags:#x}: no such domain")
+        if driver == f.NEST_PARENT and not self.nesting:
+            raise _err(errno.EOPNOTSUPP, op, "NEST_PARENT: the host SMMU has no nesting")
+        return driver == f.NEST_PARENT
+
+    def hw_info(self) -> HwInfo:
+        """What GET_HW_INFO returns for a device on this host (arm_smmu_hw_info)."""
+        info = uapi.IommuHwInfoArmSmmuv3()
+        for i, value in enumerate(self.idr):
+            info.idr[i] = value
+        info.iidr = self.iidr
+        info.aidr = self.aidr
+        caps = uapi.HwCapabilities(0)
+        if not self.ats:
+            caps |= uapi.HwCapabilities.PCI_ATS_NOT_SUPPORTED
+        return HwInfo(uapi.HwInfoType.ARM_SMMUV3, info.to_bytes(), caps, self.max_pasid_log2)
 
 
-QEMU_SMMUV3 = HostPersonality(s2fwb=False, ats=False, ssid_bits=0)
+QEMU_SMMUV3 = HostPersonality(s2fwb=False, ats=False, ssid_bits=0,
+                               idr=(0x0D44_101B, 0x0273_0010, 0, 0x1414, 0, 0x74), aidr=1)
 """QEMU 11.1.3's SMMUv3 under the host lane's kernel: nesting, range invalidation,
-16-bit ASIDs, CANWBS from the upgraded IORT; no S2FWB, no ATS, no substreams, no DS."""
+16-bit ASIDs, CANWBS from the upgraded IORT; no S2FWB, no ATS, no substreams, no DS.
+The ID registers are those GET_HW_INFO returned in the host lane (kernel 7.3.4)."""
 
 
 def validate_vste(ste: Sequence[int], ats_in_nested: bool, op: str) -> tuple[tuple[int, int], bool]:
@@ -74,3 +117,10 @@ def validate_vste(ste: Sequence[int], ats_in_nested: bool, op: str) -> tuple[tup
         raise _err(errno.EIO, op, f"vSTE EATS={eats}: this host accepts {accepted}")
     enable_ats = cfg == SteConfig.S1_TRANS and eats == Eats.FULL
     return (w0, STE.EATS.put(w1, 0)), enable_ats
+
+
+def check_no_fault_id(flags: int, op: str) -> None:
+    """FAULT_ID_VALID names a FAULT object, looked up once the HWPT is built
+    (iommufd_hwpt_alloc): the sim has none, so ENOENT."""
+    if flags & uapi.HwptAllocFlags.FAULT_ID_VALID:
+        raise _err(errno.ENOENT, op, "fault_id: the sim has no FAULT objects")

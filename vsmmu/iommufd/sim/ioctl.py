@@ -65,8 +65,8 @@ def decode_ioctl(target: IoctlTarget, request: int, buf: bytearray) -> None:
     given = bytes(buf[: min(user_size, kernel_size)])
     cmd = cls.from_buffer_copy(given.ljust(kernel_size, b"\0"))
     respond = min(user_size, kernel_size)
-    for name, *_ in cls._fields_:
-        if name.startswith("reserved") and _nonzero(getattr(cmd, name)):
+    for name in _CHECKED_RESERVED.get(request, ()):
+        if _nonzero(getattr(cmd, name)):
             if request == uapi.Ioctl.IOMMU_HWPT_INVALIDATE:
                 # iommufd_hwpt_invalidate reports 0 entries handled on every failure.
                 cmd.entry_num = 0
@@ -134,13 +134,16 @@ def _ioctl_ioas_iova_ranges(sim: IoctlTarget, cmd: Any) -> None:
     room = cmd.num_iovas
     cmd.num_iovas = len(ranges)
     cmd.out_iova_alignment = alignment
+    # iommufd_ioas_iova_ranges copies out the ranges that fit, then says EMSGSIZE.
+    fit = ranges[:room]
+    if fit:
+        entry = ctypes.sizeof(uapi.IommuIovaRange)
+        out = _user_memory(cmd.allowed_iovas, len(fit) * entry, "IOAS_IOVA_RANGES",
+                           "allowed_iovas")
+        for index, (start, last) in enumerate(fit):
+            out[index * entry : (index + 1) * entry] = uapi.IommuIovaRange(start, last).to_bytes()
     if room < len(ranges):
         raise _err(errno.EMSGSIZE, "IOAS_IOVA_RANGES", f"num_iovas {room}: {len(ranges)} needed")
-    entry = ctypes.sizeof(uapi.IommuIovaRange)
-    out = _user_memory(cmd.allowed_iovas, len(ranges) * entry, "IOAS_IOVA_RANGES",
-                       "allowed_iovas")
-    for index, (start, last) in enumerate(ranges):
-        out[index * entry : (index + 1) * entry] = uapi.IommuIovaRange(start, last).to_bytes()
 
 
 def _ioctl_hwpt_alloc(sim: IoctlTarget, cmd: Any) -> None:
@@ -221,5 +224,17 @@ _IOCTL_HANDLERS: dict[int, Callable[[IoctlTarget, Any], None]] = {
     uapi.Ioctl.IOMMU_VEVENTQ_ALLOC: _ioctl_veventq_alloc,
 }
 """Every /dev/iommu ioctl the sim models (each one a thin decoder over the typed method)."""
+
+_CHECKED_RESERVED: dict[int, tuple[str, ...]] = {
+    # Only these reserved fields are checked, each before anything else of its ioctl
+    # (or beside a flags check with the same errno); VIOMMU_ALLOC's __reserved and
+    # HWPT_ALLOC's __reserved2 are never looked at.
+    uapi.Ioctl.IOMMU_IOAS_IOVA_RANGES: ("reserved",),  # ioas.c:75
+    uapi.Ioctl.IOMMU_IOAS_MAP: ("reserved",),  # ioas.c:255
+    uapi.Ioctl.IOMMU_HWPT_ALLOC: ("reserved",),  # hw_pagetable.c:359
+    uapi.Ioctl.IOMMU_HWPT_INVALIDATE: ("reserved",),  # hw_pagetable.c:521
+    uapi.Ioctl.IOMMU_GET_HW_INFO: ("reserved",),  # device.c:1643
+    uapi.Ioctl.IOMMU_VEVENTQ_ALLOC: ("reserved",),  # eventq.c:514
+}
 
 _RESPOND_ON_ERROR = frozenset({uapi.Ioctl.IOMMU_HWPT_INVALIDATE, uapi.Ioctl.IOMMU_IOAS_IOVA_RANGES})

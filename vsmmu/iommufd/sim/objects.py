@@ -48,6 +48,8 @@ class IoasMap:
     length: int
     mapping: HostMapping
     flags: uapi.IoasMapFlags
+    page_offset: int = 0
+    """The user address's offset in its page (the area's page_offset)."""
 
 
 @dataclass(eq=False)
@@ -77,6 +79,8 @@ class SimHwptPaging(SimObject):
     vmid: int
     nest_parent: bool = False
     auto: bool = False
+    aperture_last: int = uapi.ULONG_MAX
+    """The last IOVA the domain translates (its geometry's aperture_end)."""
 
     def detail(self) -> dict[str, int | str | None]:
         return {"ioas": self.ioas.id, "nest_parent": int(self.nest_parent), "vmid": self.vmid}
@@ -89,7 +93,8 @@ class SimViommu(SimObject):
     type: ClassVar[ObjType] = ObjType.VIOMMU
     parent: SimHwptPaging
     vdevs: dict[int, SimVdevice] = field(default_factory=dict)
-    veventq: SimVeventq | None = None
+    veventqs: dict[int, SimVeventq] = field(default_factory=dict)
+    """Its vEVENTQs by type: one of each (iommufd_viommu_find_veventq)."""
 
     @property
     def vmid(self) -> int:
@@ -156,6 +161,7 @@ class SimVeventq(SimObject):
     type: ClassVar[ObjType] = ObjType.VEVENTQ
     viommu: SimViommu
     queue: SimVeventQueue
+    queue_type: int = uapi.VeventqType.ARM_SMMUV3
 
     def detail(self) -> dict[str, int | str | None]:
         q = self.queue
