@@ -106,7 +106,7 @@ class SimBehindIoctls:
         if isinstance(arg, uapi.VfioDeviceBindIommufd):
             arg.out_devid = self.devices[fd] = self.sim.create_mock_device(self.next_sid)
         elif isinstance(arg, uapi.VfioDeviceAttachIommufdPt):
-            self.sim.device_attach(self.devices[fd], arg.pt_id)
+            arg.pt_id = self.sim.device_attach(self.devices[fd], arg.pt_id)
         elif isinstance(arg, uapi.VfioDeviceDetachIommufdPt):
             self.sim.device_detach(self.devices[fd])
         else:
@@ -1084,6 +1084,101 @@ def test_iova_ranges_with_room_fills_the_array_and_the_count(env: Env) -> None:
     assert ranges[0].start == 0 and ranges[count - 1].last == ULONG_MAX
 
 
+def aligned_memory(pages: int = 4) -> mmap.mmap:
+    """Page-aligned user memory (an IOAS with a domain refuses a mid-page start)."""
+    return mmap.mmap(-1, pages * PAGE)
+
+
+MSI_BASE, MSI_LENGTH = uapi.ARM_SMMU_MSI_IOVA_BASE, uapi.ARM_SMMU_MSI_IOVA_LENGTH
+S2_LAST = (1 << uapi.QEMU_SMMU_IAS_BITS) - 1
+S1_LAST = (1 << uapi.ARM_SMMU_S1_INPUT_BITS) - 1
+
+
+def test_a_nest_parent_reserves_beyond_its_aperture(env: Env) -> None:
+    """DI/io_pagetable.c:1269 iopt_table_add_domain reserves past aperture_end, which for a
+    stage-2 domain is the SMMU's IAS (arm_smmu_domain_finalise): 44 bits on QEMU."""
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    env.be.hwpt_alloc(dev, ioas, flags=uapi.HwptAllocFlags.NEST_PARENT)
+    assert env.be.ioas_iova_ranges(ioas) == ([(0, S2_LAST)], PAGE)
+    expect(errno.EINVAL, lambda: env.be.ioas_map(ioas, HostMapping(aligned_memory()),
+                                                  iova=S2_LAST + 1))
+
+
+def test_an_attached_device_reserves_its_msi_window(env: Env) -> None:
+    """DI/device.c:487 iopt_table_enforce_dev_resv_regions: arm_smmu_get_resv_regions'
+    IOMMU_RESV_SW_MSI window; a stage-1 automatic domain ends at 2^48 - 1."""
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    env.be.device_attach(dev, ioas)
+    assert env.be.ioas_iova_ranges(ioas) == (
+        [(0, MSI_BASE - 1), (MSI_BASE + MSI_LENGTH, S1_LAST)], PAGE)
+    expect(errno.EINVAL, lambda: env.be.ioas_map(ioas, HostMapping(aligned_memory()),
+                                                  iova=MSI_BASE))
+    env.be.device_detach(dev)
+    assert env.be.ioas_iova_ranges(ioas) == ([(0, ULONG_MAX)], 1)
+
+
+def test_attach_over_a_mapping_in_the_msi_window_is_eaddrinuse_and_leaves_nothing(
+        env: Env) -> None:
+    """DI/io_pagetable.c iopt_reserve_iova refuses an area; the automatic domain made for the
+    attach is destroyed again (its id is free for the next object)."""
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    memory = aligned_memory()
+    env.be.ioas_map(ioas, HostMapping(memory, 0, PAGE), iova=MSI_BASE)
+    expect(errno.EADDRINUSE, lambda: env.be.device_attach(dev, ioas))
+    assert env.be.ioas_alloc() == ioas + 1
+
+
+def test_a_domain_over_a_mapping_beyond_its_aperture_is_eaddrinuse(env: Env) -> None:
+    """DI/io_pagetable.c:1269: iopt_reserve_iova finds the area past aperture_end."""
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    env.be.ioas_map(ioas, HostMapping(aligned_memory(), 0, PAGE), iova=S2_LAST + 1)
+    expect(errno.EADDRINUSE,
+           lambda: env.be.hwpt_alloc(dev, ioas, flags=uapi.HwptAllocFlags.NEST_PARENT))
+
+
+def test_a_mid_page_user_address_is_refused_once_a_domain_exists(env: Env) -> None:
+    """DI/io_pagetable.c:219 iopt_insert_area: the page offset must meet the IOAS's alignment
+    (PAGE_SIZE with a domain, 1 without); DI/io_pagetable.c:1205 refuses the domain when an
+    existing area has one that does not."""
+    dev = env.new_device(1)
+    memory = aligned_memory()
+    half = PAGE // 2
+    plain = env.be.ioas_alloc()
+    env.be.ioas_map(plain, HostMapping(memory, half, PAGE), iova=0x10000)
+    expect(errno.EADDRINUSE,
+           lambda: env.be.hwpt_alloc(dev, plain, flags=uapi.HwptAllocFlags.NEST_PARENT))
+    with_domain = env.be.ioas_alloc()
+    env.be.hwpt_alloc(dev, with_domain, flags=uapi.HwptAllocFlags.NEST_PARENT)
+    expect(errno.EINVAL, lambda: env.be.ioas_map(with_domain, HostMapping(memory, half, PAGE),
+                                                  iova=0x10000))
+
+
+def test_the_automatic_iova_keeps_the_user_address_page_offset(env: Env) -> None:
+    """DI/io_pagetable.c:119 iopt_alloc_iova: aligned to min(roundup_pow_of_two(length), the
+    address's alignment), then the page offset ORed in, from PAGE_SIZE up (never 0)."""
+    ioas = env.be.ioas_alloc()
+    memory = aligned_memory()
+    assert env.be.ioas_map(ioas, HostMapping(memory, 0x800, 2 * PAGE)) == PAGE + 0x800
+    assert env.be.ioas_map(ioas, HostMapping(memory, 0, PAGE)) == 4 * PAGE
+
+
+def test_iova_ranges_copies_out_the_ranges_that_fit_before_emsgsize(env: Env) -> None:
+    """DI/ioas.c:91-108: each hole is copied while num_iovas has room, all are counted."""
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    env.be.device_attach(dev, ioas)
+    ranges = (uapi.IommuIovaRange * 1)()
+    buf = raw_err(errno.EMSGSIZE, env, uapi.Ioctl.IOMMU_IOAS_IOVA_RANGES,
+                  uapi.IommuIoasIovaRanges, ioas_id=ioas, num_iovas=1,
+                  allowed_iovas=ctypes.addressof(ranges))
+    assert uapi.IommuIoasIovaRanges.from_buffer_copy(buf).num_iovas == 2
+    assert (ranges[0].start, ranges[0].last) == (0, MSI_BASE - 1)
+
+
 # --- DESTROY and ids ---
 
 
@@ -1349,6 +1444,26 @@ def test_veventq_read_of_an_empty_queue_returns_nothing(env: Env) -> None:
         os.close(q.fd)
 
 
+def test_a_viommu_takes_one_veventq_of_each_type(env: Env) -> None:
+    """DI/eventq.c:520-530: EEXIST only for a second queue of the same type; any type but
+    DEFAULT is accepted (the driver never reports to the others)."""
+    n = nest(env)
+    arm = env.be.veventq_alloc(n.viommu, 2)
+    other = env.be.veventq_alloc(n.viommu, 2, type_=uapi.VeventqType.TEGRA241_CMDQV)
+    expect(errno.EEXIST, lambda: env.be.veventq_alloc(n.viommu, 2))
+    os.close(arm.fd)
+    os.close(other.fd)
+
+
+def test_viommu_reserved_is_not_checked(env: Env) -> None:
+    """DI/viommu.c:33 checks flags and type only; __reserved is never read."""
+    n = nest(env)
+    buf = raw_ok(env, uapi.Ioctl.IOMMU_VIOMMU_ALLOC, uapi.IommuViommuAlloc,
+                 type=uapi.ViommuType.ARM_SMMUV3, dev_id=env.new_device(2), hwpt_id=n.s2,
+                 reserved=1)
+    assert uapi.IommuViommuAlloc.from_buffer_copy(buf).out_viommu_id > n.viommu
+
+
 def test_destroy_veventq_while_its_fd_is_open_is_ebusy(env: Env) -> None:
     """DI/eventq.c:435: the fd holds a user of the object; DI/main.c:273 refuses."""
     n = nest(env)
@@ -1525,6 +1640,25 @@ def test_hw_info_reports_that_ats_cannot_be_used(env: Env) -> None:
 
 
 # --- attach and detach (drivers/vfio/iommufd.c) ---
+
+
+def test_attach_to_an_object_of_another_kind_is_einval(env: Env) -> None:
+    """DI/device.c iommufd_device_change_pt looks the id up as any type (ENOENT if absent)
+    and refuses a vIOMMU, vDEVICE or device with EINVAL."""
+    n = nest(env)
+    expect(errno.EINVAL, lambda: env.be.device_attach(n.dev, n.viommu))
+    expect(errno.EINVAL, lambda: env.be.device_attach(n.dev, n.dev))
+    expect(errno.ENOENT, lambda: env.be.device_attach(n.dev, 99))
+
+
+def test_attach_to_an_ioas_returns_its_automatic_hwpt(env: Env) -> None:
+    """drivers/vfio/device_cdev.c copies pt_id back: the HWPT attached, made for the IOAS."""
+    dev = env.new_device(1)
+    ioas = env.be.ioas_alloc()
+    hwpt = env.be.device_attach(dev, ioas)
+    assert hwpt == ioas + 1
+    expect(errno.EBUSY, lambda: env.be.destroy(hwpt))  # the attached device holds it
+    assert env.be.ioas_alloc() == hwpt + 1
 
 
 def test_detach_of_a_never_attached_device_is_a_no_op(env: Env) -> None:
