@@ -4,10 +4,12 @@
 forwards every call, except that :meth:`~FaultInjectingBackend.arm` makes
 the next ``count`` calls of one operation raise :class:`IommufdError` with a
 chosen errno, as the kernel would have.  ``hwpt_invalidate`` can fail at
-entry ``k`` of a batch: the entries before it are handed to the wrapped
-backend (they take effect, as in the kernel) and the error carries
-``handled = k``; a batch of ``k`` entries or fewer passes untouched and does
-not use up the armed failure.  Nothing is allocated for a failed call, so
+entry ``k`` of a batch: the whole blocks of
+:data:`~vsmmu.iommufd.uapi.ARM_INVALIDATE_ISSUE_BLOCK` entries before it are
+handed to the wrapped backend (they take effect; the kernel drops the block it
+was filling when an entry is refused) and the error carries ``handled = k``;
+a batch of ``k`` entries or fewer passes untouched and does not use up the
+armed failure.  Nothing is allocated for a failed call, so
 nothing can leak from it.
 """
 
@@ -186,8 +188,9 @@ class FaultInjectingBackend(IommufdBackend):
             return self.inner.hwpt_invalidate(id_, entries, data_type, entry_len)
         self._take(BackendOp.HWPT_INVALIDATE)
         k = failure.entry
-        if k:
-            self.inner.hwpt_invalidate(id_, entries[:k], data_type, entry_len)
+        issued = k - k % uapi.ARM_INVALIDATE_ISSUE_BLOCK
+        if issued:
+            self.inner.hwpt_invalidate(id_, entries[:issued], data_type, entry_len)
         logger.warning("fault injection: hwpt_invalidate fails at entry %d of %d with %s", k,
                        len(entries), errno_module.errorcode.get(failure.errno, failure.errno))
         raise IommufdError(failure.errno, BackendOp.HWPT_INVALIDATE.name,

@@ -507,6 +507,10 @@ ALL_ENUMS: Final[tuple[type[enum.IntEnum] | type[enum.IntFlag], ...]] = (
 VEVENT_HEADER_SIZE: Final = ctypes.sizeof(IommufdVeventHeader)
 VEVENT_ARM_SMMUV3_SIZE: Final = ctypes.sizeof(IommuVeventArmSmmuv3)
 ARM_INVALIDATE_ENTRY_SIZE: Final = ctypes.sizeof(IommuViommuArmSmmuv3Invalidate)
+ARM_INVALIDATE_ISSUE_BLOCK: Final = 63
+"""arm_vsmmu_cache_invalidate issues the commands it has converted to the host's queue
+every ``CMDQ_BATCH_ENTRIES - 1`` (BITS_PER_LONG - 1); when entry k is refused, those
+since the last issued block are dropped, yet ``entry_num`` says k."""
 VSTE_SIZE: Final = ctypes.sizeof(IommuHwptArmSmmuv3)
 ATC_INV_SIZE_ALL: Final = 52
 """``ATC_INV_SIZE_ALL`` (arm-smmu-v3.h): an ATC_INV Size above it is refused (EIO)."""

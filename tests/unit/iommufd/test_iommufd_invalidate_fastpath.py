@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import mmap
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,15 +110,22 @@ def tlbi_range(w0: int, w1: int) -> tuple[int, int]:
 
 def reference(tlb: dict[tuple[int, int, int], TlbEntry], vmid: int,
               batch: list[tuple[int, int]]) -> tuple[set[tuple[int, int, int]], int, int]:
-    """(surviving keys, handled, errno or 0) by the rules, one command at a time."""
+    """(surviving keys, handled, errno or 0) by the rules, one command at a time.
+
+    The kernel issues the commands it has converted every 63 (arm_vsmmu_cache_invalidate,
+    CMDQ_BATCH_ENTRIES - 1): a refused one leaves the state of the last block issued.
+    """
     live = dict(tlb)
+    issued = dict(tlb)
     for index, (w0, w1) in enumerate(batch):
+        if index % 63 == 0:
+            issued = dict(live)
         opcode = CMD.OPCODE.get(w0)
         if opcode not in ALLOWED_INVALIDATIONS:
-            return set(live), index, errno.EIO
+            return set(issued), index, errno.EIO
         if opcode in _BY_STREAM:
             if CMD.SID.get(w0) != VSID:
-                return set(live), index, errno.EIO
+                return set(issued), index, errno.EIO
             continue
         asid = CMD.ASID.get(w0)
         if opcode in (CmdOpcode.TLBI_NH_ALL, CmdOpcode.TLBI_NSNH_ALL):
@@ -186,3 +194,20 @@ def test_header_errors_precede_entries() -> None:
             assert exc.errno == want and exc.handled == 0
         else:
             raise AssertionError(f"HWPT_INVALIDATE on {id_} type {data_type} accepted")
+
+
+@pytest.mark.parametrize(("refused_at", "issued"), [(1, False), (62, False), (63, True),
+                                                    (100, True)])
+def test_a_refused_command_drops_the_partly_filled_block_before_it(refused_at: int,
+                                                                   issued: bool) -> None:
+    """arm_vsmmu_cache_invalidate (AS:501-523) issues converted commands 63 at a time; a
+    conversion failure returns entry_num = its index, and the block it was filling is never
+    issued (the translator issues those commands again; the sim does what the kernel does)."""
+    sim, viommu_id, viommu = nested_sim()
+    fill_tlb(sim.smmu, viommu.vmid, [(0, ASIDS[0], 1, 0, 1)])
+    nh_all = (CMD.OPCODE.place(CmdOpcode.TLBI_NH_ALL), 0)
+    refused = (CMD.OPCODE.place(CmdOpcode.CFGI_STE), 0)
+    with pytest.raises(IommufdError) as info:
+        sim.hwpt_invalidate(viommu_id, [nh_all] * refused_at + [refused])
+    assert (info.value.errno, info.value.handled) == (errno.EIO, refused_at)
+    assert (len(sim.smmu.tlb) == 0) == issued

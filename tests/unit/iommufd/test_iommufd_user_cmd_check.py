@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 
 import pytest
 from hypothesis import given, settings
@@ -184,7 +185,7 @@ def nested_sim(host: HostPersonality) -> tuple[SimIommufd, int]:
     sim = SimIommufd(host)
     dev = sim.create_mock_device(0x1000)
     ioas = sim.ioas_alloc()
-    sim.ioas_map(ioas, HostMapping(bytearray(1 << 16)), iova=0x4000_0000)
+    sim.ioas_map(ioas, HostMapping(mmap.mmap(-1, 1 << 16)), iova=0x4000_0000)  # page-aligned
     s2 = sim.hwpt_alloc(dev, ioas, flags=uapi.HwptAllocFlags.NEST_PARENT)
     viommu = sim.viommu_alloc(dev, s2)
     sim.vdevice_alloc(viommu, dev, VSID)

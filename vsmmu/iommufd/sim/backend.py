@@ -419,14 +419,14 @@ class SimIommufd(IoctlTarget):
             check_invalidation_words(entries, op)
             array = lay_out_entries(entries, entry_len)
             return self.invalidate_array(id_, array, len(entries), data_type, entry_len)
-        refused = self._command_check.first_refused(entries)
+        viommu = invalidation_target(self._objects.get(id_), id_, len(entries), data_type,
+                                     entry_len)
+        refused = self._command_check.first_refused(entries, viommu.vdevs)
         if refused is not None:
             # Every word of an entry the check takes is within its opcode's allowed
             # bits, so unsigned 64-bit: only a batch with a refused entry can hold a
-            # word no user array could (EINVAL, before anything else).
+            # word no user array could (EINVAL, before any entry).
             check_invalidation_words(entries, op)
-        viommu = invalidation_target(self._objects.get(id_), id_, len(entries), data_type,
-                                     entry_len)
         return self._invalidate_up_to(viommu, entries, refused, op)
 
     def invalidate_array(
@@ -436,15 +436,19 @@ class SimIommufd(IoctlTarget):
         op = "HWPT_INVALIDATE"
         viommu = invalidation_target(self._objects.get(id_), id_, entry_num, data_type, entry_len)
         entries = copy_entries(array, entry_num, entry_len)
-        return self._invalidate_up_to(viommu, entries, self._command_check.first_refused(entries),
-                                      op)
+        return self._invalidate_up_to(
+            viommu, entries, self._command_check.first_refused(entries, viommu.vdevs), op)
 
     def _invalidate_up_to(self, viommu: SimViommu, entries: Sequence[InvalidationCommand],
                           refused: int | None, op: str) -> int:
-        """Run ``entries`` up to the first one the host refuses (``refused``; EIO there)."""
+        """Run ``entries`` if the host takes them all; else EIO with ``handled`` = the refused
+        one's index, having run only the whole blocks before it: arm_vsmmu_cache_invalidate
+        issues converted commands every :data:`uapi.ARM_INVALIDATE_ISSUE_BLOCK` and drops
+        the partly filled block when a conversion fails."""
         if refused is None:
             return self.smmu.invalidate_batch(viommu, entries, op)
-        self.smmu.invalidate_batch(viommu, entries[:refused], op)
+        block = uapi.ARM_INVALIDATE_ISSUE_BLOCK
+        self.smmu.invalidate_batch(viommu, entries[:refused - refused % block], op)
         w0, w1 = entries[refused]
         raise self._command_check.refusal(w0, w1, op, handled=refused)
 

@@ -5,7 +5,7 @@ check of each command (``arm_vsmmu_validate_user_cmd``, :class:`UserCommandCheck
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 from vsmmu.arch.commands import CMD, CmdOpcode
 from vsmmu.arch.fields import Field
@@ -97,6 +97,7 @@ _RANGED = (CmdOpcode.TLBI_NH_VA, CmdOpcode.TLBI_NH_VAA)
 _OPCODE = CMD.OPCODE.inplace_mask
 _NUM_SCALE = _mask(CMD.NUM, CMD.SCALE)
 _TG_TTL = _mask(CMD.TG, CMD.TTL)
+_SID_SHIFT, _SID_MASK = CMD.SID.lsb, CMD.SID.mask
 
 
 def _range_checked(opcode: int, host: HostPersonality) -> bool:
@@ -146,9 +147,11 @@ def _range_missing(w0: int, _w1: int) -> bool:
     return not w0 & _NUM_SCALE
 
 
-_Rule = tuple[int, int, Callable[[int, int], bool] | None]
+_Rule = tuple[int, int, Callable[[int, int], bool] | None, bool]
 """(word 0 bits allowed, word 1 bits allowed, the encodings no mask can express: refused
-when it returns True)."""
+when it returns True, whether the command names a vSID the vIOMMU must know)."""
+_BY_STREAM = frozenset({CmdOpcode.ATC_INV, CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL})
+"""arm_vsmmu_convert_user_cmd turns their vSID into the physical StreamID (EIO without one)."""
 
 
 def _rule(opcode: int, tg_ttl: int, allowed: tuple[int, int],
@@ -160,18 +163,19 @@ def _rule(opcode: int, tg_ttl: int, allowed: tuple[int, int],
     (NUM/SCALE not allowed), or only with one, or never.
     """
     allowed0, allowed1 = allowed
+    by_stream = opcode in _BY_STREAM
     if opcode == CmdOpcode.ATC_INV:
-        return allowed0, allowed1, _atc_size_reserved
+        return allowed0, allowed1, _atc_size_reserved, by_stream
     if not _range_checked(opcode, host):
-        return allowed0, allowed1, None
+        return allowed0, allowed1, None, by_stream
     single_ok = _range_ok(opcode, tg_ttl, host)
     ranged_ok = _range_ok(opcode | CMD.NUM.place(1), tg_ttl, host)
     if single_ok and ranged_ok:
-        return allowed0, allowed1, None
+        return allowed0, allowed1, None, by_stream
     if single_ok:
-        return allowed0 & ~_NUM_SCALE, allowed1, None
+        return allowed0 & ~_NUM_SCALE, allowed1, None, by_stream
     if ranged_ok:
-        return allowed0, allowed1, _range_missing
+        return allowed0, allowed1, _range_missing, by_stream
     return None
 
 
@@ -205,8 +209,11 @@ class UserCommandCheck:
                 if rule is not None:
                     self._rules[opcode | tg_ttl] = rule
 
-    def first_refused(self, entries: Sequence[InvalidationCommand]) -> int | None:
-        """The index of the first entry the kernel refuses, or None when it takes them all.
+    def first_refused(self, entries: Sequence[InvalidationCommand],
+                      vsids: Container[int]) -> int | None:
+        """The index of the first entry the kernel refuses, or None when it takes them all:
+        arm_vsmmu_validate_user_cmd, then the vSID lookup of the commands naming one
+        (``vsids``: the vIOMMU's vDEVICEs).
 
         An entry taken sets only bits its opcode allows, so its words are
         unsigned 64-bit values (``w | allowed == allowed`` holds for no negative
@@ -215,11 +222,12 @@ class UserCommandCheck:
         rules = self._rules
         for index, (w0, w1) in enumerate(entries):
             try:
-                allowed0, allowed1, test = rules[w0 & _OPCODE | w1 & _TG_TTL]
+                allowed0, allowed1, test, by_stream = rules[w0 & _OPCODE | w1 & _TG_TTL]
             except KeyError:
                 return index  # the opcode, or its TG/TTL, refused whole
             if w0 | allowed0 != allowed0 or w1 | allowed1 != allowed1 or (
-                    test is not None and test(w0, w1)):
+                    test is not None and test(w0, w1)) or (
+                    by_stream and w0 >> _SID_SHIFT & _SID_MASK not in vsids):
                 return index
         return None
 
@@ -241,5 +249,9 @@ class UserCommandCheck:
             return _err(errno.EIO, op, f"ATC_INV size {CMD.ATC_SIZE.get(w1)}: above "
                                        f"{uapi.ATC_INV_SIZE_ALL}", handled)
         allowed0, allowed1 = allowed
-        return _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: bits {w0 & ~allowed0:#018x} "
-                                   f"{w1 & ~allowed1:#018x} not allowed for this opcode", handled)
+        if w0 & ~allowed0 or w1 & ~allowed1 or opcode not in _BY_STREAM:
+            return _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: bits {w0 & ~allowed0:#018x} "
+                                       f"{w1 & ~allowed1:#018x} not allowed for this opcode",
+                        handled)
+        return _err(errno.EIO, op, f"{CmdOpcode(opcode).name}: vSID {CMD.SID.get(w0):#x} has "
+                                   "no vDEVICE on this vIOMMU (arm_vsmmu_vsid_to_sid)", handled)
