@@ -74,6 +74,10 @@ class Target:
         """VFIO_DEVICE_DETACH_IOMMUFD_PT of device ``index``."""
         raise NotImplementedError
 
+    def rebind(self, index: int) -> int:
+        """Unbind device ``index`` (close its cdev) and bind it again; its new dev_id."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release the iommufd and the devices."""
 
@@ -94,6 +98,11 @@ class SimTarget(Target):
     def detach(self, index: int) -> None:
         self.sim.device_detach(self.devices[index])
 
+    def rebind(self, index: int) -> int:
+        self.sim.destroy_mock_device(self.devices[index])
+        self.devices[index] = self.sim.create_mock_device(0x10 + index)
+        return self.devices[index]
+
     def close(self) -> None:
         self.sim.close()
 
@@ -103,7 +112,8 @@ class KernelTarget(Target):
 
     def __init__(self, cdevs: list[str]) -> None:
         self.kern = KernelIommufd()
-        self.devices = [self.kern.bind_vfio_cdev(c) for c in cdevs[:DEVICES]]
+        self.cdevs = cdevs[:DEVICES]
+        self.devices = [self.kern.bind_vfio_cdev(c) for c in self.cdevs]
 
     def ioctl(self, request: int, buf: bytearray) -> None:
         fcntl.ioctl(self.kern.fd, request, buf, True)
@@ -119,6 +129,11 @@ class KernelTarget(Target):
         arg = uapi.VfioDeviceDetachIommufdPt.sized()
         fcntl.ioctl(self.kern.cdev_fd(self.devices[index]),
                     uapi.Ioctl.VFIO_DEVICE_DETACH_IOMMUFD_PT, arg, True)
+
+    def rebind(self, index: int) -> int:
+        self.kern.unbind_vfio_cdev(self.devices[index])
+        self.devices[index] = self.kern.bind_vfio_cdev(self.cdevs[index])
+        return self.devices[index]
 
     def close(self) -> None:
         self.kern.close()
@@ -250,8 +265,8 @@ def draw_op(d: Draw) -> Op:
     kind = d.rng.choices(
         ("ioas_alloc", "ioas_map", "ioas_unmap", "iova_ranges", "hwpt_alloc", "viommu_alloc",
          "vdevice_alloc", "veventq_alloc", "invalidate", "destroy", "hw_info", "attach",
-         "detach"),
-        weights=(6, 8, 5, 3, 12, 8, 7, 5, 9, 8, 3, 7, 2))[0]
+         "detach", "rebind"),
+        weights=(6, 8, 5, 3, 12, 8, 7, 5, 9, 8, 3, 7, 2, 1))[0]
     delta, tail = d.size_delta()
     op = Op(kind, size_delta=delta, tail_byte=tail)
     f = op.fields
@@ -308,7 +323,7 @@ def draw_op(d: Draw) -> Op:
                  out_data_type=d.pick(0, 0, uapi.HwInfoType.ARM_SMMUV3, 1))
     elif kind == "attach":
         f.update(device=d.rng.randrange(DEVICES), pt_id=d.obj_id(d.pick(3, 4)))
-    else:
+    else:  # detach, rebind
         f["device"] = d.rng.randrange(DEVICES)
     return op
 
@@ -350,11 +365,13 @@ def _masked(cls: type[uapi.UapiStruct], buf: bytearray, size: int) -> dict[str, 
 def run_op(target: Target, op: Op, memory: ctypes.Array[ctypes.c_char],
            fds: list[int]) -> dict[str, Any]:
     """Issue ``op``; its outcome: errno (0 = success) and what it wrote."""
-    if op.name in ("attach", "detach"):
+    if op.name in ("attach", "detach", "rebind"):
         index = op.fields["device"]
         try:
             if op.name == "attach":
                 return {"errno": OUTCOME_OK, "pt_id": target.attach(index, op.fields["pt_id"])}
+            if op.name == "rebind":
+                return {"errno": OUTCOME_OK, "dev_id": target.rebind(index)}
             target.detach(index)
         except OSError as exc:
             return {"errno": errno.errorcode.get(exc.errno or 0, exc.errno)}

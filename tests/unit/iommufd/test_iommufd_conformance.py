@@ -81,6 +81,8 @@ class Env:
     kind: str = ""
     settle: Callable[[], None] = lambda: None
     """Wait until faults have reached the vEVENTQ (the kernel's arrive through an IRQ thread)."""
+    unbind: Callable[[int], None] = lambda dev: None
+    """Unbind a device from the iommufd (close its VFIO cdev)."""
 
     def close(self) -> None:
         self.be.close()
@@ -168,7 +170,8 @@ def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
     personality = personality or QEMU_SMMUV3
     if kind == "sim":
         sim = SimIommufd(personality)
-        return Env(sim, lambda sid: sim.create_mock_device(sid), sim.ioctl, sim_dma(sim))
+        return Env(sim, lambda sid: sim.create_mock_device(sid), sim.ioctl, sim_dma(sim),
+                   unbind=sim.destroy_mock_device)
     if kind == "sim-ioctl":
         # The whole suite through the raw path: KernelIommufd's structures into SimIommufd.ioctl.
         router = SimBehindIoctls(SimIommufd(personality))
@@ -179,7 +182,12 @@ def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
             router.next_sid = sid
             return via.bind_vfio_cdev(os.devnull)
 
-        return Env(via, bind, router.sim.ioctl, sim_dma(router.sim), [router.sim.close])
+        def unbind(dev: int) -> None:
+            via.unbind_vfio_cdev(dev)  # closes the cdev: the sim's device goes with it
+            router.sim.destroy_mock_device(dev)
+
+        return Env(via, bind, router.sim.ioctl, sim_dma(router.sim), [router.sim.close],
+                   unbind=unbind)
     reason = kernel_skip_reason()
     if reason is not None:
         # Only the lane collects the kernel backend, and there this is a broken lane.
@@ -204,7 +212,8 @@ def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
     def dma(dev: int, iova: int) -> bool:
         return IommuTestdevRegs(devices[dev]).dma(iova) == testdev.Result.OK
 
-    return Env(kern, new_device, raw, dma, settle=lambda: time.sleep(KERNEL_EVENT_SETTLE))
+    return Env(kern, new_device, raw, dma, settle=lambda: time.sleep(KERNEL_EVENT_SETTLE),
+               unbind=kern.unbind_vfio_cdev)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -1442,6 +1451,19 @@ def test_veventq_read_of_an_empty_queue_returns_nothing(env: Env) -> None:
         assert env.be.veventq_read(q.fd, ctypes.sizeof(uapi.IommufdVeventHeader)) == b""
     finally:
         os.close(q.fd)
+
+
+def test_unbinding_a_device_tombstones_its_vdevice_id(env: Env) -> None:
+    """DI/device.c:166-195 iommufd_device_remove_vdev: a vDEVICE still alive when its device
+    is unbound is destroyed and leaves a tombstone (DI/main.c:278): its id is never handed
+    out again and DESTROY of it is ENOENT; the device's own id is free again."""
+    n = nest(env)
+    other = env.new_device(2)
+    vdev = env.be.vdevice_alloc(n.viommu, other, 0x22)
+    env.unbind(other)
+    assert [env.be.ioas_alloc() for _ in range(2)] == [other, vdev + 1]
+    expect(errno.ENOENT, lambda: env.be.destroy(vdev))
+    env.be.destroy(n.viommu)  # the vDEVICE's hold on the vIOMMU went with it
 
 
 def test_a_viommu_takes_one_veventq_of_each_type(env: Env) -> None:

@@ -95,6 +95,7 @@ class SimIommufd(IoctlTarget):
         self._command_check = UserCommandCheck(self._personality)
         self._objects: dict[int, SimObject] = {}
         self._next_vmid = 1
+        self._tombstones: set[int] = set()  # ids never handed out again (main.c:278)
         self.smmu = PhysicalSmmu(self.report_event)
         """The physical SMMU's translation machinery (IOTLB, config cache, walker)."""
 
@@ -107,7 +108,7 @@ class SimIommufd(IoctlTarget):
 
     def _alloc_id(self) -> int:
         i = 1
-        while i in self._objects:
+        while i in self._objects or i in self._tombstones:
             i += 1
         return i
 
@@ -159,7 +160,8 @@ class SimIommufd(IoctlTarget):
         dev = self._device(dev_id, "UNBIND")
         if dev.hwpt is not None:
             self.device_detach(dev_id)
-        if dev.vdev is not None:
+        if dev.vdev is not None:  # iommufd_device_remove_vdev: destroyed, id tombstoned
+            self._tombstones.add(dev.vdev.id)
             self._destroy_obj(dev.vdev)
         del self._objects[dev_id]
 
