@@ -23,7 +23,6 @@ import pytest
 
 from vsmmu.arch.cd import Cd, Tg0
 from vsmmu.arch.commands import CMD, CmdOpcode
-from vsmmu.arch.events import EventId, decode_event
 from vsmmu.arch.ste import STE, Eats, SteConfig
 from vsmmu.endpoints import iommu_testdev as testdev
 from vsmmu.iommufd import uapi, uapi_vfio
@@ -1537,8 +1536,22 @@ def fault(env: Env, f: Faulting, times: int = 1) -> None:
     env.settle()
 
 
+F_TRANSLATION_ID = 0x10
+CLASS_IN = 0b10
+"""IHI 0070 §7.3: CLASS (event dword 1 bits 41:40) = IN, the input address faulted."""
+
+
+def f_translation_of_a_write(address: int) -> bytes:
+    """The whole record IHI 0070 §7.3.12 gives a stage-1 F_TRANSLATION of a write at
+    ``address``, with the vSID the kernel puts in (arm_vmaster_report_event): RnW=0, S2=0,
+    no substream, no stall, IPA not valid."""
+    words = (F_TRANSLATION_ID | FAULT_VSID << 32, CLASS_IN << 40, address, 0)
+    return b"".join(w.to_bytes(8, "little") for w in words)
+
+
 def records(data: bytes) -> list[tuple[int, int, int | None]]:
-    """(flags, sequence, input address) of each record, walked by the uapi's sizes."""
+    """(flags, sequence, input address) of each record, walked by the uapi's sizes; every
+    event must be, byte for byte, the F_TRANSLATION of a write at its input address."""
     out: list[tuple[int, int, int | None]] = []
     offset = 0
     while offset < len(data):
@@ -1546,9 +1559,9 @@ def records(data: bytes) -> list[tuple[int, int, int | None]]:
         offset += HEADER
         address = None
         if not header.flags & LOST:
-            event = decode_event(data[offset:offset + uapi.VEVENT_ARM_SMMUV3_SIZE])
-            assert (event.event_id, event.sid) == (EventId.F_TRANSLATION, FAULT_VSID), event
-            address = event.fields["input_addr"]
+            raw = data[offset:offset + uapi.VEVENT_ARM_SMMUV3_SIZE]
+            address = int.from_bytes(raw[16:24], "little")  # dword 2: InputAddr
+            assert raw == f_translation_of_a_write(address), raw.hex()
             offset += uapi.VEVENT_ARM_SMMUV3_SIZE
         out.append((header.flags, header.sequence, address))
     assert offset == len(data)
