@@ -224,13 +224,17 @@ class Draw:
         w0 = STE.CONFIG.put(w0, cfg)
         if cfg == SteConfig.S1_TRANS:
             w0 = STE.S1CONTEXTPTR.put(w0, S1_CONTEXT_IPA)
-        w1 = 0
-        if self.chance(0.4):
-            word, bit = self.rng.randrange(2), self.rng.randrange(64)
-            if word:
-                w1 |= 1 << bit
+        return self.words(w0, 0, stray=0.4)
+
+    def words(self, w0: int, w1: int, stray: float) -> bytes:
+        """``w0``, ``w1`` as the kernel reads them, one random bit set in either with
+        probability ``stray`` (a field the kernel may refuse)."""
+        if self.chance(stray):
+            bit = 1 << self.rng.randrange(64)
+            if self.rng.randrange(2):
+                w1 |= bit
             else:
-                w0 |= 1 << bit
+                w0 |= bit
         return w0.to_bytes(8, "little") + w1.to_bytes(8, "little")
 
     def command(self) -> bytes:
@@ -251,13 +255,7 @@ class Draw:
                 w1 = CMD.TTL.put(w1, self.rng.randrange(4))
         if opcode in (CmdOpcode.CFGI_CD, CmdOpcode.CFGI_CD_ALL, CmdOpcode.ATC_INV):
             w0 = CMD.SID.put(w0, self.pick(0, 0x20, 0x21, 5))
-        if self.chance(0.25):
-            word, bit = self.rng.randrange(2), self.rng.randrange(64)
-            if word:
-                w1 |= 1 << bit
-            else:
-                w0 |= 1 << bit
-        return w0.to_bytes(8, "little") + w1.to_bytes(8, "little")
+        return self.words(w0, w1, stray=0.25)
 
 
 def draw_op(d: Draw) -> Op:
