@@ -34,7 +34,6 @@ import mmap
 import os
 import random
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,20 +58,6 @@ PIPE_FILLING_TRIGGERS = 64 * 1024 // 8 + 64
 
 _INTERESTING = (0, 1, 2, 3, 4, 7, 8, 16, 24, 32, 0x3F, 0xFFF, 0x1000, 0x7FFF_FFFF, 0xFFFF_FFFF,
                 1 << 52, 1 << 60, (1 << 64) - 1)
-_LAYOUTS: dict[int, struct.Struct | uapi.Layout] = {
-    uapi.Command.VERSION: uapi.VERSION_BODY,
-    uapi.Command.DMA_MAP: uapi.DMA_MAP,
-    uapi.Command.DMA_UNMAP: uapi.DMA_UNMAP,
-    uapi.Command.DEVICE_GET_INFO: uapi.DEVICE_INFO,
-    uapi.Command.DEVICE_GET_REGION_INFO: uapi.REGION_INFO,
-    uapi.Command.DEVICE_GET_IRQ_INFO: uapi.IRQ_INFO,
-    uapi.Command.DEVICE_SET_IRQS: uapi.IRQ_SET,
-    uapi.Command.REGION_READ: uapi.REGION_RW,
-    uapi.Command.REGION_WRITE: uapi.REGION_RW,
-    uapi.Command.REGION_WRITE_MULTI: uapi.WRITE_MULTI_COUNT,
-    uapi.Command.DMA_READ: uapi.DMA_RW,
-    uapi.Command.DEVICE_RESET: struct.Struct("<"),
-}
 _FLAGS = (0, 0, 0, 0x10, 0x10, 0x1, 0x20, 0x2, 0xF0)
 _TYPE_MASK = int(uapi.MSG_TYPE_MASK)
 _REPLY = int(uapi.MSG_TYPE_REPLY)
@@ -154,9 +139,9 @@ def _field_value(rng: random.Random, code: str) -> int:
 
 def _random_message(rng: random.Random, msg_id: int) -> tuple[int, int, bytes]:
     """``(command, flags, payload)`` of a message with a plausible layout."""
-    command = rng.choice([*_LAYOUTS, 0, 6, 13, 14, 99, 0xFFFF])
+    command = rng.choice([*uapi.REQUEST_BODY, 0, 6, 13, 14, 99, 0xFFFF])
     flags = rng.choice(_FLAGS) if rng.random() < 0.9 else rng.getrandbits(32)
-    layout = _LAYOUTS.get(command)
+    layout = uapi.REQUEST_BODY.get(command)
     body = b""
     if layout is not None:
         body = layout.pack(*(_field_value(rng, code) for code in layout.format.lstrip("<")))

@@ -180,6 +180,23 @@ WRITE_MULTI_MAX: Final = 200
 # the data; a DMA_WRITE reply is a bare header.
 DMA_RW: Final = struct.Struct("<QQ")
 
+REQUEST_BODY: Final[dict[int, struct.Struct | Layout]] = {
+    Command.VERSION: VERSION_BODY,
+    Command.DMA_MAP: DMA_MAP,
+    Command.DMA_UNMAP: DMA_UNMAP,
+    Command.DEVICE_GET_INFO: DEVICE_INFO,
+    Command.DEVICE_GET_REGION_INFO: REGION_INFO,
+    Command.DEVICE_GET_IRQ_INFO: IRQ_INFO,
+    Command.DEVICE_SET_IRQS: IRQ_SET,
+    Command.REGION_READ: REGION_RW,
+    Command.REGION_WRITE: REGION_RW,
+    Command.REGION_WRITE_MULTI: WRITE_MULTI_COUNT,
+    Command.DMA_READ: DMA_RW,
+    Command.DEVICE_RESET: struct.Struct("<"),
+}
+"""The fixed part of each request's body (what follows the header), by command: what a
+client lays out before any variable part (a client, the probes and the fuzz tests use it)."""
+
 
 class PciRegion(enum.IntEnum):
     """VFIO PCI region indices."""

@@ -10,7 +10,6 @@ escape, and every descriptor sent in must be closed or kept by the device.
 from __future__ import annotations
 
 import os
-import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,20 +22,6 @@ from vsmmu.vfio_user.session import Session
 FUZZ_EXAMPLES = 10_000
 PAGE = uapi.DEFAULT_PGSIZE
 
-LAYOUTS: dict[int, struct.Struct] = {
-    uapi.Command.VERSION: uapi.VERSION_BODY,
-    uapi.Command.DMA_MAP: uapi.DMA_MAP,
-    uapi.Command.DMA_UNMAP: uapi.DMA_UNMAP,
-    uapi.Command.DEVICE_GET_INFO: uapi.DEVICE_INFO,
-    uapi.Command.DEVICE_GET_REGION_INFO: uapi.REGION_INFO,
-    uapi.Command.DEVICE_GET_IRQ_INFO: uapi.IRQ_INFO,
-    uapi.Command.DEVICE_SET_IRQS: uapi.IRQ_SET,
-    uapi.Command.REGION_READ: uapi.REGION_RW,
-    uapi.Command.REGION_WRITE: uapi.REGION_RW,
-    uapi.Command.REGION_WRITE_MULTI: uapi.WRITE_MULTI_COUNT,
-    uapi.Command.DMA_READ: uapi.DMA_RW,
-}
-
 interesting = st.sampled_from([0, 1, 2, 3, 4, 7, 8, 9, 16, 20, 24, 32, 0x3F, 0x1000, 0xFFFFFFFF])
 field = st.one_of(interesting, st.integers(0, 0xFFFF_FFFF))
 
@@ -44,9 +29,9 @@ field = st.one_of(interesting, st.integers(0, 0xFFFF_FFFF))
 @st.composite
 def structured(draw: st.DrawFn) -> bytes:
     """A message with a correct size and a payload laid out like its command's."""
-    command = draw(st.sampled_from([*LAYOUTS, 0, 13, 14, 6, 99, 0xFFFF]))
+    command = draw(st.sampled_from([*uapi.REQUEST_BODY, 0, 13, 14, 6, 99, 0xFFFF]))
     flags = draw(st.sampled_from([0, 0x10, 0x1, 0x20, 0x40, 0x2]) | st.integers(0, 0xFFFFFFFF))
-    layout = LAYOUTS.get(command)
+    layout = uapi.REQUEST_BODY.get(command)
     body = b""
     if layout is not None:
         values = []
