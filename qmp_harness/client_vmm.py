@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from qemu.qmp import QMPClient
 from qemu.qmp.protocol import ConnectError
@@ -211,10 +211,21 @@ class SmmuMmio:
         self.function.write(uapi.PciRegion.BAR0, offset, value.to_bytes(size, "little"))
 
 
-class Testdev:
-    """``iommu-testdev``'s registers (BAR 0), emulated or real, over vfio-user."""
+class RegionIo(Protocol):
+    """Reads and writes of a PCI function's regions by index (vfio-user or a VFIO cdev)."""
 
-    def __init__(self, function: BlockingFunction) -> None:
+    def read(self, region: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of region ``region``."""
+
+    def write(self, region: int, offset: int, data: bytes) -> None:
+        """``data`` at ``offset`` of region ``region``."""
+
+
+class Testdev:
+    """``iommu-testdev``'s registers (BAR 0), emulated or real: over vfio-user, or
+    through a VFIO cdev of QEMU's own device (the host lane)."""
+
+    def __init__(self, function: RegionIo) -> None:
         self.function = function
 
     def read(self, register: Register) -> int:

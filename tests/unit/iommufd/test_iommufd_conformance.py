@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import struct
@@ -21,15 +22,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from qmp_harness import client_vmm
 from vsmmu.arch.cd import Cd, Tg0
 from vsmmu.arch.commands import CMD, CmdOpcode
 from vsmmu.arch.ste import STE, Eats, SteConfig
-from vsmmu.endpoints import iommu_testdev as testdev
+from vsmmu.endpoints.iommu_testdev import Result
 from vsmmu.iommufd import uapi, uapi_vfio
 from vsmmu.iommufd.backend import DmaFault, HostMapping, IommufdBackend, IommufdError, ObjType
 from vsmmu.iommufd.kernel import DEV_IOMMU, KernelIommufd
 from vsmmu.iommufd.sim import QEMU_SMMUV3, HostPersonality, SimIommufd
-from vsmmu.iommufd.vfio import VfioDevice
+from vsmmu.iommufd.vfio import VfioDevice, VfioRegion
 from vsmmu.vfio_user import uapi as pci
 
 PAGE = 4096
@@ -131,37 +133,26 @@ def sim_dma(sim: SimIommufd) -> Callable[[int, int], bool]:
     return dma
 
 
-class IommuTestdevRegs:
-    """QEMU's ``iommu-testdev`` in L1 through its VFIO cdev: one DMA write per trigger."""
+class CdevRegions:
+    """QEMU's ``iommu-testdev`` in L1 through its VFIO cdev, regions by index, with bus
+    mastering on (without it the DMA never reaches the SMMU)."""
 
     def __init__(self, device: VfioDevice) -> None:
         self.device = device
         config = device.region(uapi_vfio.PciRegionIndex.CONFIG)
         command = int.from_bytes(device.read(config, pci.PCI_COMMAND, 2), "little")
-        # Without bus mastering the DMA never reaches the SMMU.
         command |= pci.PCI_COMMAND_MEMORY | pci.PCI_COMMAND_MASTER
         device.write(config, pci.PCI_COMMAND, command.to_bytes(2, "little"))
-        self.bar = device.region(uapi_vfio.PciRegionIndex.BAR0)
 
-    def write(self, register: testdev.Register, value: int) -> None:
-        self.device.write(self.bar, register, value.to_bytes(testdev.REGISTER_BYTES, "little"))
+    def read(self, region: int, offset: int, size: int) -> bytes:
+        return self.device.read(self._region(region), offset, size)
 
-    def read(self, register: testdev.Register) -> int:
-        return int.from_bytes(self.device.read(self.bar, register, testdev.REGISTER_BYTES),
-                              "little")
+    def write(self, region: int, offset: int, data: bytes) -> None:
+        self.device.write(self._region(region), offset, data)
 
-    def dma(self, iova: int) -> int:
-        """Arm and trigger a DMA_BYTES write at ``iova``; RESULT."""
-        half = 8 * testdev.REGISTER_BYTES
-        low = (1 << half) - 1
-        for register, value in ((testdev.Register.GVA_LO, iova & low),
-                                (testdev.Register.GVA_HI, iova >> half),
-                                (testdev.Register.LEN, DMA_BYTES),
-                                (testdev.Register.GPA_LO, 0), (testdev.Register.GPA_HI, 0),
-                                (testdev.Register.DBELL, testdev.DBELL_ARM)):
-            self.write(register, value)
-        self.read(testdev.Register.TRIGGER)
-        return self.read(testdev.Register.RESULT)
+    @functools.cache  # noqa: B019 - one per device, and the test ends with it
+    def _region(self, index: int) -> VfioRegion:
+        return self.device.region(index)
 
 
 def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
@@ -209,7 +200,7 @@ def make_env(kind: str, personality: HostPersonality | None = None) -> Env:
         fcntl.ioctl(kern.fd, request, buf, True)
 
     def dma(dev: int, iova: int) -> bool:
-        return IommuTestdevRegs(devices[dev]).dma(iova) == testdev.Result.OK
+        return client_vmm.Testdev(CdevRegions(devices[dev])).dma(iova, DMA_BYTES, 0) == Result.OK
 
     return Env(kern, new_device, raw, dma, settle=lambda: time.sleep(KERNEL_EVENT_SETTLE),
                unbind=kern.unbind_vfio_cdev)
