@@ -142,7 +142,7 @@ class SimVeventQueue:
                 self.num_events -= 1
             records.append(vevent_record(flags, sequence, event))
             done += size
-        if not self._list:
+        if records and not self._list:
             self._ring(False)
         return b"".join(records)
 

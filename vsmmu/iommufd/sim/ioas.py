@@ -160,7 +160,7 @@ def map_into(ioas: SimIoas, domains: int, reserved: list[tuple[int, int]],
     align = iova_alignment(domains)
     if length % align:
         raise _err(errno.EINVAL, op, f"length {length:#x}: expected {align:#x} alignment")
-    user_va = mapping.user_va if length else 0
+    user_va = mapping.user_va
     if iova is None:
         iova = _alloc_iova(ioas, reserved, length, user_va, align)
     if iova % align:

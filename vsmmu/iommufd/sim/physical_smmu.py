@@ -230,8 +230,9 @@ class PhysicalSmmu:
         """Convert each command as arm_vsmmu_convert_user_cmd and execute it, in order;
         return how many (all of them).
 
-        Raises IommufdError with ``handled`` = the index of the first command
-        refused; the commands before it have taken effect, as in the kernel.
+        The backend hands over only commands its check (UserCommandCheck,
+        vSID lookup included) took; a command refused here anyway raises
+        IommufdError with ``handled`` = its index, the commands before it run.
         """
         tlb = self.tlb
         for index, (w0, w1) in enumerate(entries):
