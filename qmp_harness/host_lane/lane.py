@@ -271,7 +271,7 @@ def render_init(command: Sequence[str], env: Mapping[str, str], marker: str) -> 
                        command=shlex.join(command))
 
 
-async def _console_lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+async def console_lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
     """The console's lines, however long (a command may print megabytes on one line,
     which ``StreamReader.readline`` refuses past its 64 KiB limit)."""
     pending = bytearray()
@@ -301,7 +301,7 @@ async def _boot(argv: list[str], env: dict[str, str], marker: str, timeout: floa
     inside = False
     try:
         async with asyncio.timeout(timeout):
-            async for raw in _console_lines(proc.stdout):
+            async for raw in console_lines(proc.stdout):
                 line = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
                 console.append(line)
                 # The firmware leaves terminal escapes without a newline before /init's

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from vsmmu.arch.commands import CMD, CmdOpcode
 from vsmmu.iommufd import uapi
 from vsmmu.iommufd.backend import HostMapping, IommufdError
+from vsmmu.iommufd.faults import BackendOp, FaultInjectingBackend
 from vsmmu.iommufd.sim import (
     ALLOWED_INVALIDATIONS,
     TLB_PAGE_SHIFT,
@@ -210,4 +211,20 @@ def test_a_refused_command_drops_the_partly_filled_block_before_it(refused_at: i
     with pytest.raises(IommufdError) as info:
         sim.hwpt_invalidate(viommu_id, [nh_all] * refused_at + [refused])
     assert (info.value.errno, info.value.handled) == (errno.EIO, refused_at)
+    assert (len(sim.smmu.tlb) == 0) == issued
+
+
+@pytest.mark.parametrize(("entry", "issued"), [(1, False), (62, False), (63, True)])
+def test_an_injected_refusal_at_entry_k_issues_what_the_kernel_would(entry: int,
+                                                                      issued: bool) -> None:
+    """x-vsmmu-fail's refusal at entry k plays the kernel's: only the whole blocks of 63
+    before k reach the host, and handled = k."""
+    sim, viommu_id, viommu = nested_sim()
+    fill_tlb(sim.smmu, viommu.vmid, [(0, ASIDS[0], 1, 0, 1)])
+    faults = FaultInjectingBackend(sim)
+    faults.arm(BackendOp.HWPT_INVALIDATE, errno.EIO, entry=entry)
+    nh_all = (CMD.OPCODE.place(CmdOpcode.TLBI_NH_ALL), 0)
+    with pytest.raises(IommufdError) as info:
+        faults.hwpt_invalidate(viommu_id, [nh_all] * (entry + 1))
+    assert (info.value.errno, info.value.handled) == (errno.EIO, entry)
     assert (len(sim.smmu.tlb) == 0) == issued
