@@ -117,12 +117,18 @@ def check_device_reservations(old: SimHwptPaging | SimHwptNested | None,
 
 def check_reservable(ioas: SimIoas, start: int, last: int, op: str, what: str) -> None:
     """``iopt_reserve_iova``: EADDRINUSE when a mapping lies in ``[start, last]``."""
-    if start > last:
-        return
+    m = _mapping_in(ioas, start, last)
+    if m is not None:
+        raise _err(errno.EADDRINUSE, op, f"IOAS {ioas.id} maps [{m.iova:#x}, "
+                                         f"+{m.length:#x}) {what} [{start:#x}, {last:#x}]")
+
+
+def _mapping_in(ioas: SimIoas, start: int, last: int) -> IoasMap | None:
+    """A mapping of ``ioas`` meeting ``[start, last]`` (``iopt_area_iter_first``), or None."""
     for m in ioas.maps:
         if m.iova <= last and start <= m.iova + m.length - 1:
-            raise _err(errno.EADDRINUSE, op, f"IOAS {ioas.id} maps [{m.iova:#x}, "
-                                             f"+{m.length:#x}) {what} [{start:#x}, {last:#x}]")
+            return m
+    return None
 
 
 def allowed_ranges(reserved: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -172,10 +178,10 @@ def map_into(ioas: SimIoas, domains: int, reserved: list[tuple[int, int]],
         if iova <= high and low <= last:
             raise _err(errno.EINVAL, op, f"[{iova:#x}, {last:#x}] meets reserved IOVA "
                                          f"[{low:#x}, {high:#x}] of IOAS {ioas.id}")
-    for m in ioas.maps:
-        if iova < m.iova + m.length and m.iova <= last:
-            raise _err(errno.EEXIST, op, f"[{iova:#x}, {last:#x}] overlaps [{m.iova:#x}, "
-                                         f"{m.iova + m.length - 1:#x}] of IOAS {ioas.id}")
+    m = _mapping_in(ioas, iova, last)
+    if m is not None:
+        raise _err(errno.EEXIST, op, f"[{iova:#x}, {last:#x}] overlaps [{m.iova:#x}, "
+                                     f"{m.iova + m.length - 1:#x}] of IOAS {ioas.id}")
     if user_va % PAGE_SIZE % align:
         raise _err(errno.EINVAL, op, f"user address {user_va:#x}: its page offset is not "
                                      f"{align:#x}-aligned")
