@@ -185,6 +185,13 @@ InvalidationCommand = tuple[int, int]
 """One raw 16-byte SMMUv3 command as two 64-bit words."""
 
 
+def issued_before_refusal(refused: int) -> int:
+    """How many entries of a batch the kernel ran when it refused entry ``refused``: the
+    whole blocks of :data:`uapi.ARM_INVALIDATE_ISSUE_BLOCK` before it
+    (arm_vsmmu_cache_invalidate drops the block it was filling)."""
+    return refused - refused % uapi.ARM_INVALIDATE_ISSUE_BLOCK
+
+
 def check_invalidation_words(entries: Sequence[InvalidationCommand], op: str) -> None:
     """EINVAL (nothing handled) unless every word of ``entries`` is a 64-bit unsigned value."""
     u64_max = uapi.U64_MAX

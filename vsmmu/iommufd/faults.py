@@ -33,6 +33,7 @@ from vsmmu.iommufd.backend import (
     ObjectInfo,
     VeventqHandle,
     Vste,
+    issued_before_refusal,
 )
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class FaultInjectingBackend(IommufdBackend):
             return self.inner.hwpt_invalidate(id_, entries, data_type, entry_len)
         self._take(BackendOp.HWPT_INVALIDATE)
         k = failure.entry
-        issued = k - k % uapi.ARM_INVALIDATE_ISSUE_BLOCK
+        issued = issued_before_refusal(k)
         if issued:
             self.inner.hwpt_invalidate(id_, entries[:issued], data_type, entry_len)
         logger.warning("fault injection: hwpt_invalidate fails at entry %d of %d with %s", k,

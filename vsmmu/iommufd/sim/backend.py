@@ -41,6 +41,7 @@ from vsmmu.iommufd.backend import (
     VeventqHandle,
     Vste,
     check_invalidation_words,
+    issued_before_refusal,
 )
 from vsmmu.iommufd.sim.host import HostPersonality, check_no_fault_id, validate_vste
 from vsmmu.iommufd.sim.invalidate import (
@@ -444,13 +445,11 @@ class SimIommufd(IoctlTarget):
     def _invalidate_up_to(self, viommu: SimViommu, entries: Sequence[InvalidationCommand],
                           refused: int | None, op: str) -> int:
         """Run ``entries`` if the host takes them all; else EIO with ``handled`` = the refused
-        one's index, having run only the whole blocks before it: arm_vsmmu_cache_invalidate
-        issues converted commands every :data:`uapi.ARM_INVALIDATE_ISSUE_BLOCK` and drops
-        the partly filled block when a conversion fails."""
+        one's index, having run only the whole blocks before it, as the kernel does
+        (:func:`issued_before_refusal`)."""
         if refused is None:
             return self.smmu.invalidate_batch(viommu, entries, op)
-        block = uapi.ARM_INVALIDATE_ISSUE_BLOCK
-        self.smmu.invalidate_batch(viommu, entries[:refused - refused % block], op)
+        self.smmu.invalidate_batch(viommu, entries[:issued_before_refusal(refused)], op)
         w0, w1 = entries[refused]
         raise self._command_check.refusal(w0, w1, op, handled=refused)
 
